@@ -1,0 +1,1 @@
+"""infq.cli (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""infq.eval (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""infq.formats (see DESIGN.md)."""

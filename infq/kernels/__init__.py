@@ -1,0 +1,1 @@
+"""infq.kernels (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""infq.quantizers (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""infq.runtime (see DESIGN.md)."""
