@@ -1,0 +1,122 @@
+"""Zero-copy, validated reading of safetensors files.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON naming every
+tensor's dtype, shape and byte range, then the raw data (reference A.0). `SafetensorsFile` parses
+and checks the header against the file size up front, so a truncated or corrupt file fails with
+one line instead of a crash deep inside a forward pass, then hands out tensors that are views of a
+memory map: opening a 100 GB checkpoint costs nothing until a tensor is touched, and touching one
+tensor pages in only its bytes. Writing uses the `safetensors` library.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infq.errors import InfqError
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+class SafetensorsFile:
+    """One memory-mapped safetensors file; `get(name)` returns a read-only-by-convention view."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        fix = f"re-download or re-write {self.path.name}"
+        if size < 8:
+            raise InfqError(f"{self.path} is truncated ({size} bytes, no header); {fix}")
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InfqError(f"{self.path} has a corrupt or truncated header; {fix}")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InfqError(f"{self.path} has a corrupt header ({e.msg}); {fix}") from None
+        if not isinstance(header, dict):
+            raise InfqError(f"{self.path} has a corrupt header (not a JSON object); {fix}")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            self._entries[name] = self._check_entry(name, info, size - self._data_start, fix)
+        self._map: np.memmap | None = None
+
+    def _check_entry(
+        self, name: str, info: object, data_size: int, fix: str
+    ) -> tuple[str, tuple[int, ...], int, int]:
+        try:
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])  # type: ignore[index]
+            begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            raise InfqError(f"{self.path}: tensor {name!r} has a corrupt entry; {fix}") from None
+        if dtype not in DTYPES:
+            raise InfqError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+        count = int(np.prod(shape)) if shape else 1
+        if end > data_size:
+            raise InfqError(f"{self.path} is truncated: tensor {name!r} lies past the end; {fix}")
+        if begin < 0 or end - begin != count * DTYPES[dtype][1]:
+            raise InfqError(f"{self.path}: tensor {name!r} size disagrees with its shape; {fix}")
+        return dtype, shape, begin, end
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._entries[name][0]][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def nbytes(self, name: str) -> int:
+        _, _, begin, end = self._entries[name]
+        return end - begin
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the memory map (copy-on-write: writes never reach the file)."""
+        dtype_tag, shape, begin, end = self._entries[name]
+        if self._map is None:
+            if self.path.stat().st_size == self._data_start:  # header only, no data
+                return torch.empty(shape, dtype=DTYPES[dtype_tag][0])
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        torch_dtype = DTYPES[dtype_tag][0]
+        if end == begin:
+            return torch.empty(shape, dtype=torch_dtype)
+        raw = self._map[self._data_start + begin : self._data_start + end]
+        return torch.from_numpy(raw).view(torch_dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._map is not None:
+            mm = self._map._mmap  # type: ignore[attr-defined]
+            self._map = None
+            if isinstance(mm, mmap.mmap):
+                try:
+                    mm.close()
+                except BufferError:  # a tensor still views it; the OS frees it with the last view
+                    pass

@@ -1,0 +1,112 @@
+"""Open any checkpoint infq reads as a `DecoderModel` plus its tokenizer.
+
+`load_model` resolves the path (local dir, hub id, `demo`), names its format
+(`formats.detect`), checks that the tensors match the config, and builds the generic decoder over
+a `WeightSource` for that format. This is the one place that turns checkpoint tensors into
+runtime modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from infq.errors import InfqError
+from infq.formats.detect import detect_format
+from infq.formats.hf import Checkpoint, load_tokenizer, read_config, resolve_model
+from infq.runtime.arch import ModelConfig
+from infq.runtime.linear import dense_from
+from infq.runtime.model import DecoderModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFWeights:
+    """`WeightSource` over a full-precision checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ckpt
+
+    def tensor(self, name: str) -> Tensor:
+        return self.ckpt.get(name)
+
+    def linear(self, module: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        bias = self.ckpt.get(f"{module}.bias") if f"{module}.bias" in self.ckpt else None
+        return dense_from(self.ckpt.get(f"{module}.weight"), bias, dtype, device)
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderModel
+    tokenizer: Any
+    config: ModelConfig
+    path: Path
+    format: str
+
+
+def resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    """`auto`: float32 on CPU (exact and fast there), the checkpoint's half type on a GPU."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES.get(cfg.torch_dtype, torch.float16) if cfg.torch_dtype != "float32" else torch.float16
+    if dtype not in DTYPES:
+        raise InfqError(f"--dtype {dtype} is not supported; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    arch, C, d = cfg.arch, cfg.hidden_size, cfg.head_dim
+    roles = {
+        "q": (cfg.num_heads * d, C), "k": (cfg.num_kv_heads * d, C), "v": (cfg.num_kv_heads * d, C),
+        "o": (C, cfg.num_heads * d), "gate": (cfg.intermediate_size, C),
+        "up": (cfg.intermediate_size, C), "down": (C, cfg.intermediate_size),
+    }
+    shapes = {arch.embed: (cfg.vocab_size, C), arch.final_norm: (C,)}
+    if not cfg.tie_word_embeddings:
+        shapes[arch.lm_head] = (cfg.vocab_size, C)
+    for i in range(cfg.num_layers):
+        for role, shape in roles.items():
+            shapes[f"{arch.linear_name(i, role)}.weight"] = shape
+        for name in arch.norms.values():
+            shapes[f"{arch.block(i)}.{name}"] = (C,)
+    return shapes
+
+
+def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
+    for name, shape in expected_shapes(cfg).items():
+        if name not in ckpt:
+            raise InfqError(f"{ckpt.dir}: tensor {name} is missing; the checkpoint does not match its config.json")
+        if tuple(ckpt.shape(name)) != shape:
+            raise InfqError(
+                f"{ckpt.dir}: tensor {name} has shape {tuple(ckpt.shape(name))}, config.json implies {shape}; "
+                "the checkpoint does not match its config"
+            )
+
+
+def load_model(
+    model: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    resident: bool = True,
+    tokenizer: bool = True,
+) -> LoadedModel:
+    path = resolve_model(model)
+    fmt = detect_format(path)
+    if fmt != "hf":
+        raise InfqError(f"{path}: reading {fmt} checkpoints is not available in this version of infq")
+    cfg = ModelConfig.from_hf(read_config(path))
+    ckpt = Checkpoint(path)
+    check_checkpoint(ckpt, cfg)
+    dev = torch.device(device)
+    net = DecoderModel(cfg, HFWeights(ckpt), dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
+    tok = load_tokenizer(path) if tokenizer else None
+    return LoadedModel(net, tok, cfg, path, fmt)

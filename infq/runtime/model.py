@@ -1,0 +1,199 @@
+"""One generic decoder (Llama / Mistral / Qwen2) driven by `arch.py`.
+
+The model holds no hard-coded family: `ModelConfig` gives the sizes, `ArchSpec` the tensor names.
+Weights come from a `WeightSource` (a checkpoint reader) that hands out plain tensors and linear
+modules; quantized checkpoints give quantized linears behind the same call. Blocks are built on
+demand: with `resident=True` every block is built once at load; with `resident=False` each block is
+built from the (memory-mapped) source when the forward reaches it and dropped after, so a model
+larger than RAM can still be scored. The calibration driver uses the same pieces (`embed`,
+`load_block`, `rope`, `head`) to walk blocks one at a time. The KV cache arrives with the runtime
+issue: `Block.forward` takes the attention inputs explicitly so a cache can slot in there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infq.runtime.arch import ModelConfig
+
+
+class WeightSource(Protocol):
+    def tensor(self, name: str) -> Tensor: ...  # plain tensor (embedding, norm, bias)
+
+    def linear(self, module: str, dtype: torch.dtype, device: torch.device) -> nn.Module: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm computed in fp32 and cast back, as transformers does."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rope:
+    """Rotary embedding tables for positions, with default / linear / llama3 / dynamic scaling."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.inv_freq = _inv_freq(cfg, cfg.rope_theta)  # (head_dim/2,)
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape (B, T, head_dim) for integer positions (B, T)."""
+        inv_freq = self.inv_freq
+        cfg = self.cfg
+        if cfg.rope_type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            orig = int(cfg.rope.get("original_max_position_embeddings", cfg.max_position_embeddings))
+            if seq_len > orig:
+                factor = float(cfg.rope["factor"])
+                d = cfg.head_dim
+                base = cfg.rope_theta * ((factor * seq_len / orig) - (factor - 1)) ** (d / (d - 2))
+                inv_freq = _inv_freq(cfg, base, scale=False)
+        freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _inv_freq(cfg: ModelConfig, base: float, scale: bool = True) -> Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (d/2,)
+    rope = cfg.rope
+    if not scale:
+        return inv
+    if cfg.rope_type == "linear":
+        return inv / float(rope["factor"])
+    if cfg.rope_type == "llama3":
+        factor = float(rope["factor"])
+        lo, hi = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old_len = float(rope["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class Block(nn.Module):
+    """One decoder block: pre-norm attention and SwiGLU MLP, each with a residual."""
+
+    def __init__(self, cfg: ModelConfig, index: int, linears: dict[str, nn.Module], norms: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.index = index
+        self.window = cfg.sliding_windows[index] if cfg.sliding_windows else None
+        self.linears = nn.ModuleDict(linears)  # role -> linear (q k v o gate up down)
+        self.input_norm = nn.Parameter(norms["input_norm"], requires_grad=False)
+        self.post_norm = nn.Parameter(norms["post_norm"], requires_grad=False)
+
+    def attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        cfg, lin = self.cfg, self.linears
+        B, T, _ = x.shape
+        q = lin["q"](x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = lin["k"](x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = lin["v"](x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rep = cfg.num_heads // cfg.num_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, d)
+            v = v.repeat_interleave(rep, dim=1)
+        if self.window is not None and T > self.window:
+            i = torch.arange(T, device=x.device)
+            dist = i[:, None] - i[None, :]  # (T, T) query minus key position
+            mask = (dist >= 0) & (dist < self.window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
+        out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+        return lin["o"](out)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        lin = self.linears
+        return lin["down"](F.silu(lin["gate"](x)) * lin["up"](x))
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        eps = self.cfg.rms_norm_eps
+        h = h + self.attention(rms_norm(h, self.input_norm, eps), cos, sin)
+        return h + self.mlp(rms_norm(h, self.post_norm, eps))
+
+
+class DecoderModel(nn.Module):
+    """Embedding -> blocks -> final norm -> lm_head, over any `WeightSource`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        source: WeightSource,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        resident: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.source, self.dtype = cfg, source, dtype
+        self.device = torch.device(device)
+        arch = cfg.arch
+        self.embed_weight = self._param(arch.embed)  # (V, C)
+        self.final_norm = self._param(arch.final_norm)  # (C,)
+        tied = cfg.tie_word_embeddings
+        self.lm_head = None if tied else source.linear(arch.lm_head.removesuffix(".weight"), dtype, self.device)
+        self.rope = Rope(cfg)
+        self.resident = resident
+        self.blocks = nn.ModuleList([self.load_block(i) for i in range(cfg.num_layers)] if resident else [])
+
+    def _param(self, name: str) -> nn.Parameter:
+        t = self.source.tensor(name).to(self.device, self.dtype)
+        return nn.Parameter(t, requires_grad=False)
+
+    def load_block(self, i: int) -> Block:
+        """Build block `i` from the weight source (used on demand when not resident)."""
+        arch, dev, dt = self.cfg.arch, self.device, self.dtype
+        linears = {role: self.source.linear(arch.linear_name(i, role), dt, dev) for role in arch.linears}
+        norms = {
+            role: self.source.tensor(f"{arch.block(i)}.{name}").to(dev, dt) for role, name in arch.norms.items()
+        }
+        return Block(self.cfg, i, linears, norms)
+
+    def block(self, i: int) -> Block:
+        return self.blocks[i] if self.resident else self.load_block(i)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids.to(self.device), self.embed_weight)  # (B, T, C)
+
+    def positions(self, input_ids: Tensor) -> Tensor:
+        B, T = input_ids.shape
+        return torch.arange(T, device=self.device).expand(B, T)  # (B, T)
+
+    def hidden(self, input_ids: Tensor) -> Tensor:
+        """Final-normed hidden states (B, T, C) for token ids (B, T)."""
+        h = self.embed(input_ids)
+        cos, sin = self.rope(self.positions(input_ids), self.dtype)
+        for i in range(self.cfg.num_layers):
+            h = self.block(i)(h, cos, sin)
+        return rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits (…, V) from final-normed hidden states (…, C)."""
+        if self.lm_head is None:
+            return F.linear(h, self.embed_weight)
+        return self.lm_head(h)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.head(self.hidden(input_ids))  # (B, T, V)
