@@ -6,8 +6,9 @@ modules; quantized checkpoints give quantized linears behind the same call. Bloc
 demand: with `resident=True` every block is built once at load; with `resident=False` each block is
 built from the (memory-mapped) source when the forward reaches it and dropped after, so a model
 larger than RAM can still be scored. The calibration driver uses the same pieces (`embed`,
-`load_block`, `rope`, `head`) to walk blocks one at a time. The KV cache arrives with the runtime
-issue: `Block.forward` takes the attention inputs explicitly so a cache can slot in there.
+`load_block`, `rope`, `head`) to walk blocks one at a time. A simple contiguous `LayerCache` serves
+single-stream generation; the paged cache and batching engine arrive with the runtime issue behind
+the same `Block.forward(h, cos, sin, cache)` call.
 """
 
 from __future__ import annotations
@@ -88,6 +89,23 @@ def _inv_freq(cfg: ModelConfig, base: float, scale: bool = True) -> Tensor:
     return inv
 
 
+class LayerCache:
+    """Contiguous per-layer K/V for one batch (the paged cache replaces it in the engine)."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # (B, Hkv, S, d)
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
 class Block(nn.Module):
     """One decoder block: pre-norm attention and SwiGLU MLP, each with a residual."""
 
@@ -100,7 +118,7 @@ class Block(nn.Module):
         self.input_norm = nn.Parameter(norms["input_norm"], requires_grad=False)
         self.post_norm = nn.Parameter(norms["post_norm"], requires_grad=False)
 
-    def attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         cfg, lin = self.cfg, self.linears
         B, T, _ = x.shape
         q = lin["q"](x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, d)
@@ -109,17 +127,24 @@ class Block(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, Hkv, past+T, d)
         rep = cfg.num_heads // cfg.num_kv_heads
         if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, d)
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, d)
             v = v.repeat_interleave(rep, dim=1)
-        if self.window is not None and T > self.window:
-            i = torch.arange(T, device=x.device)
-            dist = i[:, None] - i[None, :]  # (T, T) query minus key position
-            mask = (dist >= 0) & (dist < self.window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
+        S = k.shape[2]
+        if past == 0 and (self.window is None or T <= self.window):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
+        else:
+            qpos = torch.arange(past, past + T, device=x.device)
+            dist = qpos[:, None] - torch.arange(S, device=x.device)[None, :]  # (T, S) query - key
+            mask = dist >= 0
+            if self.window is not None:
+                mask &= dist < self.window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
         return lin["o"](out)
 
@@ -127,9 +152,9 @@ class Block(nn.Module):
         lin = self.linears
         return lin["down"](F.silu(lin["gate"](x)) * lin["up"](x))
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         eps = self.cfg.rms_norm_eps
-        h = h + self.attention(rms_norm(h, self.input_norm, eps), cos, sin)
+        h = h + self.attention(rms_norm(h, self.input_norm, eps), cos, sin, cache)
         return h + self.mlp(rms_norm(h, self.post_norm, eps))
 
 
@@ -176,16 +201,20 @@ class DecoderModel(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.to(self.device), self.embed_weight)  # (B, T, C)
 
-    def positions(self, input_ids: Tensor) -> Tensor:
+    def positions(self, input_ids: Tensor, start: int = 0) -> Tensor:
         B, T = input_ids.shape
-        return torch.arange(T, device=self.device).expand(B, T)  # (B, T)
+        return torch.arange(start, start + T, device=self.device).expand(B, T)  # (B, T)
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """Final-normed hidden states (B, T, C) for token ids (B, T)."""
+    def new_cache(self) -> list[LayerCache]:
+        return [LayerCache() for _ in range(self.cfg.num_layers)]
+
+    def hidden(self, input_ids: Tensor, cache: list[LayerCache] | None = None) -> Tensor:
+        """Final-normed hidden states (B, T, C) for token ids (B, T), after `cache` if given."""
         h = self.embed(input_ids)
-        cos, sin = self.rope(self.positions(input_ids), self.dtype)
+        start = cache[0].length if cache else 0
+        cos, sin = self.rope(self.positions(input_ids, start), self.dtype)
         for i in range(self.cfg.num_layers):
-            h = self.block(i)(h, cos, sin)
+            h = self.block(i)(h, cos, sin, cache[i] if cache else None)
         return rms_norm(h, self.final_norm, self.cfg.rms_norm_eps)
 
     def head(self, h: Tensor) -> Tensor:
@@ -195,5 +224,5 @@ class DecoderModel(nn.Module):
         return self.lm_head(h)
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.head(self.hidden(input_ids))  # (B, T, V)
+    def forward(self, input_ids: Tensor, cache: list[LayerCache] | None = None) -> Tensor:
+        return self.head(self.hidden(input_ids, cache))  # (B, T, V)

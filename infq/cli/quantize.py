@@ -1,0 +1,52 @@
+"""`infq quantize`: calibrate a model and write a packed checkpoint (GPTQ/AWQ/FP8/GGUF layouts)."""
+
+from __future__ import annotations
+
+import typer
+
+from infq.cli.common import cli_errors, human_bytes, print_json, progress
+
+METHODS = "rtn, gptq, awq, fp8, kquant"
+
+
+def quantize(
+    model: str = typer.Option("demo", "--model", "-m", help="Model directory, hub id, or 'demo' (bundled)."),
+    method: str = typer.Option("gptq", "--method", help=f"One of: {METHODS}."),
+    bits: int = typer.Option(4, "--bits", help="Weight bits (2, 3, 4, 8 for rtn/gptq; 4 for awq)."),
+    group_size: int = typer.Option(128, "--group-size", help="Input channels per scale; -1 = one per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (zero at 2^(b-1)) or asymmetric codes."),
+    desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order: quantize columns by decreasing Hessian diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="With --desc-act: fix group scales before reordering."),
+    damp_percent: float = typer.Option(0.01, "--damp", help="GPTQ dampening, fraction of the mean Hessian diagonal."),
+    dataset: str = typer.Option("c4", "--dataset", help="Calibration data: c4, wikitext2, ptb, demo, or a local .txt/.jsonl/.parquet path."),
+    data_file: str = typer.Option(None, "--data-file", help="Local copy of the named dataset's calibration split."),
+    nsamples: int = typer.Option(128, "--nsamples", help="Calibration windows."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration window (capped at the model's max)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    skip: list[str] = typer.Option([], "--skip", help="Regex of module names to leave unquantized (repeatable)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (default: <model>-<method>-w<bits>g<group>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block."),
+    device: str = typer.Option("cpu", "--device", help="Compute device: cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Quantize a model. Example: infq quantize --model Qwen/Qwen2.5-0.5B --method gptq --bits 4 --out qwen-gptq"""
+    with cli_errors():
+        from infq.quantizers.api import QuantizeRequest, quantize_model
+
+        req = QuantizeRequest(
+            model=model, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+            static_groups=static_groups, damp_percent=damp_percent, dataset=dataset, data_file=data_file,
+            nsamples=nsamples, seqlen=seqlen, seed=seed, skip=tuple(skip), out=out, force=force,
+            resume=resume, device=device,
+        )
+        with progress(quiet=json_out) as bar:
+            result = quantize_model(req, bar)
+        if json_out:
+            print_json(result)
+            return
+        typer.echo(
+            f"wrote {result['out']} ({result['format']}): {human_bytes(result['bytes_before'])} -> "
+            f"{human_bytes(result['bytes_after'])}, {result['bits_per_weight']:.3f} bits/weight, "
+            f"{result['seconds']:.1f} s, peak RSS {human_bytes(result['peak_rss_bytes'])}"
+        )
