@@ -1,0 +1,114 @@
+"""The CLI through Typer's runner: help without torch, eval/inspect/run, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from infq import __version__
+from infq.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("sub", [None, "quantize", "eval", "run", "inspect"])
+def test_help_does_not_import_torch(sub):
+    argv = ["--help"] if sub is None else [sub, "--help"]
+    code = (
+        "import sys\nfrom infq.cli.app import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(f"line {i} of some text to score, with words." for i in range(400)))
+    return path
+
+
+def test_eval_json(tiny_model, text_file):
+    r = invoke("eval", tiny_model, "--ppl", text_file, "--seqlen", 64, "--limit", 3, "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    assert obj["windows"] == 3 and obj["seqlen"] == 64 and obj["protocol"] == "gptq"
+    assert obj["tokens"] == 192 and 1 < obj["ppl"] < 10_000
+    r2 = invoke("eval", tiny_model, "--ppl", text_file, "--seqlen", 64, "--limit", 3, "--protocol", "llamacpp", "--json")
+    obj2 = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert obj2["protocol"] == "llamacpp" and obj2["ppl"] != obj["ppl"]
+
+
+def test_inspect_json(tiny_model):
+    r = invoke("inspect", tiny_model, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["format"] == "hf" and info["model_type"] == "llama"
+    assert info["parameters"] == sum(t["params"] for t in info["tensors"])
+    assert info["bits_per_weight"] == pytest.approx(32.0)
+
+
+def test_run_greedy_json(tiny_model):
+    args = ("run", tiny_model, "--prompt", "hello", "--max-new-tokens", 5, "--ignore-eos", "--json")
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert len(obj["token_ids"]) == 5 and obj["tokens_per_s"] >= 0
+    assert json.loads(invoke(*args).stdout)["token_ids"] == obj["token_ids"]  # greedy is deterministic
+
+
+def _bad(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_inputs(tmp_path, tiny_model, text_file):
+    _bad(invoke("eval", tmp_path / "nope", "--ppl", text_file), "no such file")
+    (tmp_path / "empty").mkdir()
+    _bad(invoke("eval", tmp_path / "empty", "--ppl", text_file), "no config.json")
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg["model_type"] = "bloom"
+    (tiny_model / "config.json").write_text(json.dumps(cfg))
+    _bad(invoke("eval", tiny_model, "--ppl", text_file), "bloom", "llama, mistral, qwen2")
+    cfg["model_type"] = "llama"
+    (tiny_model / "config.json").write_text(json.dumps(cfg))
+    _bad(invoke("eval", tiny_model, "--ppl", text_file, "--seqlen", 4096), "exceeds", "256")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    _bad(invoke("eval", tiny_model, "--ppl", short, "--seqlen", 64), "tokens", "64")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _bad(invoke("eval", tiny_model, "--ppl", empty))
+    st = tiny_model / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    _bad(invoke("eval", tiny_model, "--ppl", text_file), "truncated")
+
+
+def test_named_dataset_offline_names_the_way_out(tiny_model):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "infq.cli", "eval", str(tiny_model), "--ppl", "wikitext"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "--dataset" in out.stderr and "Traceback" not in out.stderr
