@@ -1,0 +1,247 @@
+"""The shared vocabulary of every quantizer: QuantConfig, QuantScheme and QuantizedTensor.
+
+`QuantConfig` is what the user asked for (method, bits, group size, GPTQ knobs), validated on
+construction and serialisable with `to_dict`/`from_dict`. `QuantScheme` says how integer codes map
+to values. `QuantizedTensor` is the one canonical in-memory form of a quantized weight: unpacked
+codes (uint8, `(out, in)`), fp16 scales and int32 zero points per `(row, group)`, and `g_idx`
+(int32, `(in,)`) naming the group of every input channel; `dequantize()` is the reference decoder
+`(codes - zeros[:, g_idx]) * scales[:, g_idx]`. Formats pack it, kernels repack it; nothing here
+knows about files or devices. Limits: only kind "int" is decoded here (fp8 / gguf kinds are
+described by the scheme but decoded by their own modules).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from infq.errors import InfqError
+
+METHODS = ("rtn", "gptq", "awq", "fp8", "kquant")
+# Bit widths each method can produce (a tuple of pairs, not a dict: no module-level mutable state).
+# awq: the AWQ GEMM format is 4-bit only; kquant: Q2_K..Q6_K and Q8_0.
+_VALID_BITS = (
+    ("rtn", (2, 3, 4, 8)),
+    ("gptq", (2, 3, 4, 8)),
+    ("awq", (4,)),
+    ("fp8", (8,)),
+    ("kquant", (2, 3, 4, 5, 6, 8)),
+)
+INT_METHODS = ("rtn", "gptq", "awq")
+
+
+def valid_bits(method: str) -> tuple[int, ...]:
+    """Bit widths `method` supports; () for an unknown method."""
+    return next((b for m, b in _VALID_BITS if m == method), ())
+
+
+def _words(values: tuple[int, ...]) -> str:
+    """(2, 3, 4) -> '2, 3 or 4'."""
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_group_size(in_features: int, group_size: int) -> int:
+    """Number of groups for an input dim; InfqError naming the dim and valid choices if it does not divide."""
+    if group_size == -1:
+        return 1
+    if group_size <= 0 or in_features % group_size:
+        divisors = [d for d in (32, 64, 128, 256, 512, 1024) if in_features % d == 0]
+        choices = "-1 (per-channel)" + (" or " + _words(tuple(divisors)) if divisors else "")
+        raise InfqError(
+            f"group_size {group_size} does not divide the input dim {in_features} of this weight; "
+            f"use {choices}, or another divisor of {in_features}"
+        )
+    return in_features // group_size
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. Validated on construction; every error names the fix."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128  # -1 = one group per output row (per-channel)
+    sym: bool = True
+    desc_act: bool = False  # GPTQ act-order: process columns by decreasing Hessian diagonal
+    static_groups: bool = False  # with desc_act: groups fixed on the original column order
+    damp_percent: float = 0.01  # Hessian dampening, fraction of mean(diag(H)), in (0, 1)
+    true_sequential: bool = True
+    nsamples: int = 128  # calibration sequences
+    seqlen: int = 2048  # tokens per calibration sequence
+    skip: tuple[str, ...] = ()  # regexes (re.match on module names) left unquantized
+    lm_head: bool = False  # quantize lm_head too; otherwise it is always skipped
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InfqError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        bits = valid_bits(self.method)
+        if not _is_int(self.bits) or self.bits not in bits:
+            raise InfqError(
+                f"bits {self.bits} is not supported by {self.method}; use {_words(bits)}"
+            )
+        if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
+            raise InfqError(
+                f"group_size {self.group_size} is invalid; use -1 (per-channel) or a positive "
+                "integer such as 128"
+            )
+        for name in ("sym", "desc_act", "static_groups", "true_sequential", "lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise InfqError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        damp = self.damp_percent
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+            raise InfqError(
+                f"damp_percent {damp} is out of range; use a value in (0, 1) such as 0.01 "
+                "(raise it, e.g. to 0.1, if the Cholesky factorisation fails)"
+            )
+        if self.desc_act and self.method != "gptq":
+            raise InfqError(
+                f"desc_act needs a Hessian and only gptq uses one; set desc_act=False for {self.method}"
+            )
+        for name in ("nsamples", "seqlen"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise InfqError(f"{name} {getattr(self, name)} must be a positive integer")
+        if isinstance(self.skip, str) or not isinstance(self.skip, tuple):
+            raise InfqError(f"skip must be a tuple of regex patterns, got {self.skip!r}")
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise InfqError(f"skip pattern {pattern!r} is not a valid regex ({exc}); fix it") from exc
+
+    def is_skipped(self, module_name: str) -> bool:
+        """True if `module_name` stays unquantized: lm_head (unless lm_head=True) or a skip match."""
+        if not self.lm_head and module_name.split(".")[-1] == "lm_head":
+            return True
+        return any(re.match(p, module_name) for p in self.skip)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (skip as a list)."""
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        """Inverse of to_dict; unknown keys raise InfqError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InfqError(
+                f"unknown quantization config key(s) {', '.join(unknown)}; valid keys are "
+                f"{', '.join(sorted(known))}"
+            )
+        kwargs = dict(d)
+        if isinstance(kwargs.get("skip"), list):
+            kwargs["skip"] = tuple(kwargs["skip"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How codes map to values. kind "int": w = scale * (q - zero), q in [0, 2^bits)."""
+
+    bits: int
+    group_size: int  # -1 = one group spanning the whole input dim
+    sym: bool = True
+    kind: str = "int"  # later: "fp8", "gguf:<type>"
+
+    def __post_init__(self) -> None:
+        if not (self.kind in ("int", "fp8") or self.kind.startswith("gguf:")):
+            raise InfqError(f"scheme kind {self.kind!r} is unknown; use 'int', 'fp8' or 'gguf:<type>'")
+        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
+            raise InfqError(f"scheme bits {self.bits} is invalid; use an integer in 1..8")
+        if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
+            raise InfqError(f"scheme group_size {self.group_size} is invalid; use -1 or a positive int")
+
+    @property
+    def maxq(self) -> int:
+        """Largest code, 2^bits - 1."""
+        return (1 << self.bits) - 1
+
+    @classmethod
+    def from_config(cls, config: QuantConfig) -> QuantScheme:
+        if config.method not in INT_METHODS:
+            raise InfqError(f"method {config.method} has no integer scheme; use rtn, gptq or awq")
+        return cls(bits=config.bits, group_size=config.group_size, sym=config.sym, kind="int")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized linear weight of logical shape (out, in), unpacked.
+
+    codes  uint8  (out, in)        integer codes in [0, 2^bits)
+    scales float  (out, G)         per-group scale; infq's quantizers store float16
+    zeros  int32  (out, G) | None  integer zero points in [0, 2^bits] (2^bits only when read
+                                   from a v1 checkpoint); always present for kind "int" (sym
+                                   stores 2^(bits-1), as GPTQ does)
+    g_idx  int32  (in,)            group of each input channel: arange(in) // group_size, or a
+                                   permuted assignment for act-order
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    g_idx: torch.Tensor
+    scheme: QuantScheme
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        out, inp = self.shape
+        if tuple(self.codes.shape) != (out, inp):
+            raise ValueError(f"codes shape {tuple(self.codes.shape)} != {self.shape}")
+        if self.scales.dim() != 2 or self.scales.shape[0] != out:
+            raise ValueError(f"scales shape {tuple(self.scales.shape)} is not ({out}, G)")
+        if not self.scales.is_floating_point():
+            raise ValueError(f"scales must be floating point, got {self.scales.dtype}")
+        if tuple(self.g_idx.shape) != (inp,) or self.g_idx.dtype != torch.int32:
+            raise ValueError(f"g_idx must be int32 ({inp},), got {self.g_idx.dtype} {tuple(self.g_idx.shape)}")
+        if self.scheme.kind != "int":
+            return
+        n_groups = self.scales.shape[1]
+        if self.scheme.group_size != -1 and n_groups * self.scheme.group_size != inp:
+            raise ValueError(f"{n_groups} groups of {self.scheme.group_size} != in {inp}")
+        if self.codes.dtype != torch.uint8:
+            raise ValueError(f"int codes must be uint8, got {self.codes.dtype}")
+        if self.zeros is None or self.zeros.dtype != torch.int32:
+            raise ValueError("int schemes need int32 zeros")
+        if tuple(self.zeros.shape) != tuple(self.scales.shape):
+            raise ValueError(f"zeros shape {tuple(self.zeros.shape)} != scales {tuple(self.scales.shape)}")
+        if inp and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= n_groups):
+            raise ValueError(f"g_idx values must lie in [0, {n_groups})")
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Reference decoder -> (out, in). Computed in fp32: (q - z) * fp16 scale is exact there."""
+        if self.scheme.kind != "int" or self.zeros is None:
+            raise NotImplementedError(f"dequantize of kind {self.scheme.kind!r} lives in its format module")
+        g = self.g_idx.long()  # (in,)
+        q = self.codes.to(torch.int32) - self.zeros[:, g]  # (out, in) signed, no uint8 wrap-around
+        return (q.to(torch.float32) * self.scales.to(torch.float32)[:, g]).to(dtype)  # (out, in)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Packed storage of codes + fp16 scales + zeros (at `bits` each) per weight; g_idx excluded."""
+        out, inp = self.shape
+        return 8.0 * self.nbytes / (out * inp) if out * inp else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed form: codes and zeros at `bits` each, scales as fp16; g_idx excluded."""
+        out, inp = self.shape
+        groups = out * self.n_groups
+        bits = out * inp * self.scheme.bits + groups * 16
+        if self.zeros is not None:
+            bits += groups * self.scheme.bits
+        return (bits + 7) // 8
