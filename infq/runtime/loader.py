@@ -42,6 +42,35 @@ class HFWeights:
         return dense_from(self.ckpt.get(f"{module}.weight"), bias, dtype, device)
 
 
+class GPTQWeights(HFWeights):
+    """`WeightSource` over a GPTQ checkpoint: quantized linears are dequantized at load time.
+
+    (Fast dequant-GEMM kernels replace this with the kernels issue; the numbers are the same.)
+    """
+
+    def __init__(self, ckpt: Checkpoint, quantization_config: dict[str, Any]) -> None:
+        from infq.formats.gptq import parse_gptq_config
+
+        super().__init__(ckpt)
+        self.qconfig, self.fmt = parse_gptq_config(quantization_config)
+
+    def __contains__(self, name: str) -> bool:
+        module = name.removesuffix(".weight")
+        return name in self.ckpt or f"{module}.qweight" in self.ckpt
+
+    def linear(self, module: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        if f"{module}.qweight" not in self.ckpt:
+            return super().linear(module, dtype, device)
+        from infq.formats.gptq import gptq_to_quantized_tensor
+
+        q = self.qconfig
+        names = ("qweight", "qzeros", "scales", "g_idx")
+        tensors = {k: self.ckpt.get(f"{module}.{k}") for k in names if f"{module}.{k}" in self.ckpt}
+        qt = gptq_to_quantized_tensor(tensors, q.bits, q.group_size, q.sym, q.desc_act, self.fmt)
+        bias = self.ckpt.get(f"{module}.bias") if f"{module}.bias" in self.ckpt else None
+        return dense_from(qt.dequantize(torch.float32), bias, dtype, device)
+
+
 @dataclass
 class LoadedModel:
     model: DecoderModel
@@ -80,8 +109,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
+def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, quantized: bool = False) -> None:
     for name, shape in expected_shapes(cfg).items():
+        if quantized and name.endswith("_proj.weight") and name.replace(".weight", ".qweight") in ckpt:
+            continue  # packed; its shapes are checked when it is unpacked
         if name not in ckpt:
             raise InfqError(f"{ckpt.dir}: tensor {name} is missing; the checkpoint does not match its config.json")
         if tuple(ckpt.shape(name)) != shape:
@@ -101,12 +132,14 @@ def load_model(
 ) -> LoadedModel:
     path = resolve_model(model)
     fmt = detect_format(path)
-    if fmt != "hf":
+    if fmt not in ("hf", "gptq"):
         raise InfqError(f"{path}: reading {fmt} checkpoints is not available in this version of infq")
-    cfg = ModelConfig.from_hf(read_config(path))
+    hf_config = read_config(path)
+    cfg = ModelConfig.from_hf(hf_config)
     ckpt = Checkpoint(path)
-    check_checkpoint(ckpt, cfg)
+    check_checkpoint(ckpt, cfg, quantized=fmt != "hf")
+    source = HFWeights(ckpt) if fmt == "hf" else GPTQWeights(ckpt, hf_config["quantization_config"])
     dev = torch.device(device)
-    net = DecoderModel(cfg, HFWeights(ckpt), dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
+    net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(net, tok, cfg, path, fmt)

@@ -158,6 +158,14 @@ class Block(nn.Module):
         return h + self.mlp(rms_norm(h, self.post_norm, eps))
 
 
+def build_block(cfg: ModelConfig, source: WeightSource, i: int, dtype: torch.dtype, device: torch.device) -> Block:
+    """Block `i` with its weights read from `source` (memory-mapped where the format allows)."""
+    arch = cfg.arch
+    linears = {role: source.linear(arch.linear_name(i, role), dtype, device) for role in arch.linears}
+    norms = {role: source.tensor(f"{arch.block(i)}.{name}").to(device, dtype) for role, name in arch.norms.items()}
+    return Block(cfg, i, linears, norms)
+
+
 class DecoderModel(nn.Module):
     """Embedding -> blocks -> final norm -> lm_head, over any `WeightSource`."""
 
@@ -188,12 +196,7 @@ class DecoderModel(nn.Module):
 
     def load_block(self, i: int) -> Block:
         """Build block `i` from the weight source (used on demand when not resident)."""
-        arch, dev, dt = self.cfg.arch, self.device, self.dtype
-        linears = {role: self.source.linear(arch.linear_name(i, role), dt, dev) for role in arch.linears}
-        norms = {
-            role: self.source.tensor(f"{arch.block(i)}.{name}").to(dev, dt) for role, name in arch.norms.items()
-        }
-        return Block(self.cfg, i, linears, norms)
+        return build_block(self.cfg, self.source, i, self.dtype, self.device)
 
     def block(self, i: int) -> Block:
         return self.blocks[i] if self.resident else self.load_block(i)

@@ -1,0 +1,218 @@
+"""`quantize_model`: the one library call behind `infq quantize`.
+
+Validates the request into a `QuantConfig`, opens the full-precision checkpoint (memory-mapped),
+samples calibration windows when the method needs statistics, runs the shared calibration driver
+block by block and streams every tensor straight into the writer of the method's format. The
+output is built in a temporary directory beside the target and renamed into place only when
+complete; an existing output is replaced only with `force`, and only after the new one is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infq.errors import InfqError
+from infq.quantizers.calibrate import BlockResult, CalibrationContext, LayerStats, QuantizeFn, calibrate
+from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
+
+AVAILABLE = ("rtn", "gptq")
+_COPY = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.tiktoken|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(json|jinja))$")
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    model: str = "demo"
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    dataset: str | None = None  # None: the demo corpus for the demo model, else c4
+    data_file: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    out: str | None = None
+    force: bool = False
+    resume: bool = False
+    device: str = "cpu"
+    max_shard_bytes: int = 4 * 2**30
+
+
+def _rtn(weight: Tensor, stats: LayerStats, config: QuantConfig) -> tuple[QuantizedTensor, dict[str, float]]:
+    from infq.quantizers.rtn import quantize_rtn
+
+    return quantize_rtn(weight, config), {}
+
+
+def method_fn(method: str) -> QuantizeFn:
+    if method == "rtn":
+        return _rtn
+    if method == "gptq":
+        from infq.quantizers.gptq import quantize_gptq
+
+        return quantize_gptq
+    raise InfqError(
+        f"--method {method} is not available in this version of infq; available: {', '.join(AVAILABLE)}"
+    )
+
+
+def default_out(model_path: Path, config: QuantConfig) -> Path:
+    name = model_path.name if model_path.name != "demo" else "infq-demo"
+    gs = "c" if config.group_size == -1 else str(config.group_size)
+    return Path.cwd() / f"{name}-{config.method}-w{config.bits}g{gs}"
+
+
+def rss_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
+    """Quantize `req.model` and write the checkpoint; returns the summary `infq quantize` prints."""
+    from infq.formats.hf import Checkpoint, read_config, resolve_model
+    from infq.runtime.arch import ModelConfig
+    from infq.runtime.loader import HFWeights, check_checkpoint, expected_shapes
+
+    start = time.perf_counter()
+    config = QuantConfig(
+        method=req.method, bits=req.bits, group_size=req.group_size, sym=req.sym, desc_act=req.desc_act,
+        static_groups=req.static_groups, damp_percent=req.damp_percent, nsamples=req.nsamples,
+        seqlen=req.seqlen, skip=req.skip,
+    )
+    fn = method_fn(config.method)
+    if req.resume:
+        raise InfqError("--resume is not available in this version of infq; rerun without it")
+    src = resolve_model(req.model)
+    hf_config = read_config(src)
+    if hf_config.get("quantization_config"):
+        raise InfqError(f"{src} is already quantized; quantize the full-precision model instead")
+    cfg = ModelConfig.from_hf(hf_config)
+    ckpt = Checkpoint(src)
+    check_checkpoint(ckpt, cfg)
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("_proj.weight"):
+            check_group_size(shape[1], config.group_size)
+    out = Path(req.out) if req.out else default_out(src, config)
+    if out.exists() and not req.force:
+        raise InfqError(f"{out} already exists; pass --force to replace it or choose another --out")
+    windows = _windows(req, config, src, cfg) if config.method != "rtn" else None
+    ctx = CalibrationContext(cfg, HFWeights(ckpt), config, fn, device=torch.device(req.device))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        stats = _write(tmp, src, hf_config, ckpt, cfg, config, calibrate(ctx, windows), req, bar)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from infq.formats.hf import weight_paths
+
+    return {
+        "out": str(out), "method": config.method, "bits": config.bits, "group_size": config.group_size,
+        "sym": config.sym, "desc_act": config.desc_act, "format": "gptq",
+        "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": rss_peak_bytes(),
+        "bits_per_weight": stats["bits_per_weight"], "quantized_linears": stats["linears"],
+        "bytes_before": ckpt.file_bytes(), "bytes_after": sum(p.stat().st_size for p in weight_paths(out)),
+        "dataset": None if windows is None else (req.dataset or _default_dataset(req)),
+        "nsamples": 0 if windows is None else int(windows.shape[0]),
+        "seqlen": 0 if windows is None else int(windows.shape[1]),
+    }
+
+
+def _default_dataset(req: QuantizeRequest) -> str:
+    return "demo" if req.model == "demo" else "c4"
+
+
+def _windows(req: QuantizeRequest, config: QuantConfig, src: Path, cfg: Any) -> Tensor:
+    from infq.eval.datasets import calibration_windows
+    from infq.formats.hf import load_tokenizer
+
+    seqlen = min(config.seqlen, cfg.max_position_embeddings)
+    tok = load_tokenizer(src)
+    return calibration_windows(tok, req.dataset or _default_dataset(req), config.nsamples, seqlen, req.seed, req.data_file)
+
+
+def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any, config: QuantConfig,
+           blocks: Iterator[BlockResult], req: QuantizeRequest, bar: Any) -> dict[str, Any]:
+    from infq.formats.gptq import (
+        default_checkpoint_format,
+        gptq_quantization_config,
+        gptq_quantize_config_json,
+        write_gptq_shards,
+    )
+
+    fmt = default_checkpoint_format(config)
+    totals = {"bits": 0.0, "weights": 0, "linears": 0}
+    task = bar.add_task("quantize", total=cfg.num_layers, info="") if bar is not None else None
+
+    def on_block(result: BlockResult) -> None:
+        if bar is not None:
+            worst = max((v.get("loss", 0.0) for v in result.info.values()), default=0.0)
+            bar.update(task, advance=1, info=f"block {result.index}: {len(result.tensors)} linears, "
+                       f"max loss {worst:.3g}, {result.seconds:.1f} s")
+
+    tensors = _stream(ckpt, cfg, config, blocks, fmt, totals, on_block)
+    write_gptq_shards(tmp, tensors, max_shard_bytes=req.max_shard_bytes)
+    qc = gptq_quantization_config(config, fmt)
+    (tmp / "config.json").write_text(json.dumps({**hf_config, "quantization_config": qc}, indent=2))
+    (tmp / "quantize_config.json").write_text(json.dumps(gptq_quantize_config_json(config, fmt), indent=2))
+    for f in src.iterdir():
+        if f.is_file() and _COPY.match(f.name):
+            shutil.copy2(f, tmp / f.name)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    return {"bits_per_weight": totals["bits"] / max(totals["weights"], 1), "linears": totals["linears"]}
+
+
+def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResult], fmt: str,
+            totals: dict[str, Any], on_block: Callable[[BlockResult], None]) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs for the writer: unquantized tensors as stored, quantized ones packed."""
+    from infq.formats.gptq import quantized_tensor_to_gptq
+
+    arch = cfg.arch
+    prefixes = [arch.block(i) + "." for i in range(cfg.num_layers)]
+    for name in ckpt.keys():  # embeddings, final norm, lm_head
+        if not any(name.startswith(p) for p in prefixes):
+            yield name, ckpt.get(name)
+    for result in blocks:
+        prefix = prefixes[result.index]
+        for module, qt in result.tensors.items():
+            bias_name = f"{module}.bias"
+            bias = ckpt.get(bias_name) if bias_name in ckpt else None
+            for suffix, t in quantized_tensor_to_gptq(qt, bias, fmt).items():
+                yield f"{module}.{suffix}", t
+            totals["bits"] += 8 * qt.nbytes
+            totals["weights"] += qt.shape[0] * qt.shape[1]
+            totals["linears"] += 1
+        done = {f"{m}.weight" for m in result.tensors} | {f"{m}.bias" for m in result.tensors}
+        for name in ckpt.keys():
+            if name.startswith(prefix) and name not in done:
+                yield name, ckpt.get(name)
+        on_block(result)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished output into place; an existing one is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

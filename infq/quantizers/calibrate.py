@@ -1,0 +1,170 @@
+"""The one layer-by-layer calibration driver every method shares.
+
+`calibrate` walks the decoder blocks in order with ONE block's weights resident (built from the
+memory-mapped checkpoint, dropped after). For each group of linears that share an input, in
+true-sequential order (q/k/v, then o, then gate/up, then down), it runs the block over the
+calibration activations with observers on that group's inputs, hands each linear's weight and
+`LayerStats` to the method's pure function, and swaps the quantized (dequantized) weight into the
+block so later groups and the next block see the quantization error, as GPTQ does. The quantized
+block's outputs become the next block's inputs. Peak memory is one block plus the calibration
+activations (two (nsamples, seqlen, hidden) tensors), not the model.
+Methods that need no statistics (RTN) skip the forward passes entirely.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from infq.quantizers.scheme import QuantConfig, QuantizedTensor
+from infq.runtime.arch import ModelConfig
+from infq.runtime.linear import DenseLinear
+from infq.runtime.model import Block, Rope, WeightSource, build_block
+
+# Which statistics each method's observers collect.
+METHOD_STATS: dict[str, frozenset[str]] = {
+    "rtn": frozenset(),
+    "gptq": frozenset({"hessian"}),
+    "awq": frozenset({"absmean"}),
+    "fp8": frozenset({"amax"}),
+    "kquant": frozenset({"sqmean"}),
+}
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one linear's inputs over the calibration data (fp32 / fp64 accumulators)."""
+
+    in_features: int
+    tokens: int = 0
+    hessian: Tensor | None = None  # (in, in) = 2/n * sum x x^T, GPTQ's H
+    absmean: Tensor | None = None  # (in,) mean |x|, AWQ's s_x
+    sqmean: Tensor | None = None  # (in,) mean x^2, the importance matrix
+    amax: Tensor | None = None  # () max |x|, FP8 static input scale
+
+    def add_batch(self, x: Tensor, need: frozenset[str]) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
+        n = x.shape[0]
+        total = self.tokens + n
+        if "hessian" in need:  # running mean, as IST-DASLab's add_batch
+            xs = x.double() * (2.0 / total) ** 0.5
+            h = xs.T @ xs  # (in, in)
+            self.hessian = h if self.hessian is None else self.hessian * (self.tokens / total) + h
+        if "absmean" in need:
+            s = x.abs().sum(0).double()
+            self.absmean = s if self.absmean is None else self.absmean + s
+        if "sqmean" in need:
+            s = x.pow(2).sum(0).double()
+            self.sqmean = s if self.sqmean is None else self.sqmean + s
+        if "amax" in need:
+            m = x.abs().max()
+            self.amax = m if self.amax is None else torch.maximum(self.amax, m)
+        self.tokens = total
+
+    def finish(self) -> LayerStats:
+        """Turn running sums into means."""
+        if self.tokens:
+            if self.absmean is not None:
+                self.absmean = (self.absmean / self.tokens).float()
+            if self.sqmean is not None:
+                self.sqmean = (self.sqmean / self.tokens).float()
+        return self
+
+
+QuantizeFn = Callable[[Tensor, LayerStats, QuantConfig], tuple[QuantizedTensor, dict[str, float]]]
+
+
+@dataclass
+class BlockResult:
+    index: int
+    tensors: dict[str, QuantizedTensor]  # full HF module name -> quantized weight
+    info: dict[str, dict[str, float]] = field(default_factory=dict)  # per module: loss, damp, seconds
+    seconds: float = 0.0
+
+
+@dataclass
+class CalibrationContext:
+    cfg: ModelConfig
+    source: WeightSource
+    config: QuantConfig
+    quantize_fn: QuantizeFn
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 8
+    on_linear: Callable[[int, str, dict[str, float]], None] | None = None
+
+
+def embed_windows(ctx: CalibrationContext, windows: Tensor) -> Tensor:
+    """Block-0 inputs (n, T, C) for token windows (n, T), reading only the embedding rows used."""
+    table = ctx.source.tensor(ctx.cfg.arch.embed)  # (V, C), memory-mapped
+    return torch.nn.functional.embedding(windows, table).to(ctx.device, ctx.dtype)
+
+
+def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: Tensor | None) -> None:
+    cos, sin = rope
+    for s in range(0, h.shape[0], batch):
+        y = block(h[s : s + batch], cos[: min(batch, h.shape[0] - s)], sin[: min(batch, h.shape[0] - s)])
+        if out is not None:
+            out[s : s + batch] = y
+
+
+def _observe(block: Block, roles: tuple[str, ...], need: frozenset[str], h: Tensor, rope, batch: int) -> dict[str, LayerStats]:
+    stats = {r: LayerStats(block.linears[r].in_features) for r in roles}
+    hooks = [
+        block.linears[r].register_forward_pre_hook(lambda _m, args, r=r: stats[r].add_batch(args[0], need))
+        for r in roles
+    ]
+    try:
+        _run(block, h, rope, batch, None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {r: s.finish() for r, s in stats.items()}
+
+
+@torch.inference_mode()
+def calibrate(ctx: CalibrationContext, windows: Tensor | None) -> Iterator[BlockResult]:
+    """Quantize block after block; yields each block's quantized tensors as soon as it is done.
+
+    `windows` (n, T) are calibration token ids; None for methods that need no statistics.
+    """
+    cfg, arch, config = ctx.cfg, ctx.cfg.arch, ctx.config
+    need = METHOD_STATS[config.method]
+    h = out = rope = None
+    if need:
+        assert windows is not None
+        h = embed_windows(ctx, windows)  # (n, T, C)
+        out = torch.empty_like(h)
+        positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(ctx.batch_size, len(windows)), -1)
+        rope = Rope(cfg)(positions, ctx.dtype)  # (b, T, d) each
+    for i in range(cfg.num_layers):
+        start = time.perf_counter()
+        block = build_block(cfg, ctx.source, i, ctx.dtype, ctx.device)
+        result = BlockResult(i, {})
+        for roles in arch.sequential:
+            todo = tuple(r for r in roles if not config.is_skipped(arch.linear_name(i, r)))
+            if not todo:
+                continue
+            stats = _observe(block, todo, need, h, rope, ctx.batch_size) if need else {}
+            for role in todo:
+                name = arch.linear_name(i, role)
+                lin = block.linears[role]
+                t0 = time.perf_counter()
+                st = stats.get(role) or LayerStats(lin.in_features)
+                qt, info = ctx.quantize_fn(lin.weight.detach().float(), st, config)
+                info = {**info, "seconds": time.perf_counter() - t0}
+                # Later groups and the next block see the quantization error.
+                block.linears[role] = DenseLinear(qt.dequantize(ctx.dtype).to(ctx.device), lin.bias)
+                result.tensors[name], result.info[name] = qt, info
+                if ctx.on_linear is not None:
+                    ctx.on_linear(i, name, info)
+        if need:
+            _run(block, h, rope, ctx.batch_size, out)
+            h, out = out, h
+        result.seconds = time.perf_counter() - start
+        del block
+        yield result

@@ -1,0 +1,77 @@
+"""`quantize_model` end to end on tiny models: RTN written in the GPTQ layout, read back exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tinymodels import make_tiny_model
+
+from infq.errors import InfqError
+from infq.quantizers.api import QuantizeRequest, quantize_model
+from infq.quantizers.rtn import quantize_rtn
+from infq.quantizers.scheme import QuantConfig
+from infq.runtime.loader import load_model
+
+
+@pytest.mark.parametrize("family,bits,group,sym", [("llama", 4, 32, True), ("qwen2", 3, -1, False), ("llama", 8, 64, True)])
+def test_rtn_checkpoint_reads_back_exactly(tmp_path, family, bits, group, sym):
+    src = make_tiny_model(tmp_path / "src", family=family)
+    out = tmp_path / "q"
+    req = QuantizeRequest(model=str(src), method="rtn", bits=bits, group_size=group, sym=sym, out=str(out))
+    res = quantize_model(req)
+    assert res["out"] == str(out) and res["quantized_linears"] == 2 * 7
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] == sym
+    assert (out / "quantize_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".q.tmp-*"))
+    original = load_file(str(src / "model.safetensors"))
+    model = load_model(str(out), tokenizer=False).model
+    config = QuantConfig(method="rtn", bits=bits, group_size=group, sym=sym)
+    for i in range(2):
+        for role, lin in model.blocks[i].linears.items():
+            name = f"{model.cfg.arch.linear_name(i, role)}.weight"
+            expected = quantize_rtn(original[name].float(), config).dequantize()
+            assert torch.equal(lin.weight, expected), name
+    assert torch.equal(model.embed_weight, original["model.embed_tokens.weight"])
+    if family == "qwen2":  # biases survive (as fp16, the GPTQ layout)
+        b = model.blocks[0].linears["q"].bias
+        assert torch.allclose(b, original["model.layers.0.self_attn.q_proj.bias"], atol=1e-3)
+
+
+def test_output_is_never_clobbered_without_force(tmp_path, tiny_model):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    req = QuantizeRequest(model=str(tiny_model), method="rtn", out=str(out), group_size=32)
+    with pytest.raises(InfqError, match="--force"):
+        quantize_model(req)
+    assert (out / "keep.txt").read_text() == "mine"
+    quantize_model(QuantizeRequest(**{**req.__dict__, "force": True}))
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_bad_requests(tmp_path, tiny_model):
+    base = dict(model=str(tiny_model), method="rtn", out=str(tmp_path / "q"))
+    with pytest.raises(InfqError, match="bits 5"):
+        quantize_model(QuantizeRequest(**base, bits=5))
+    with pytest.raises(InfqError, match="does not divide the input dim 64"):
+        quantize_model(QuantizeRequest(**base, group_size=48))
+    with pytest.raises(InfqError, match="damp"):
+        quantize_model(QuantizeRequest(**{**base, "method": "gptq"}, damp_percent=1.5))
+    assert not (tmp_path / "q").exists()
+
+
+def test_failure_midway_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    import infq.quantizers.api as api
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(api, "_replace", boom)
+    with pytest.raises(RuntimeError):
+        quantize_model(QuantizeRequest(model=str(tiny_model), method="rtn", out=str(tmp_path / "q"), group_size=32))
+    assert not any(p.name.startswith(".q") for p in tmp_path.iterdir())
+    assert not (tmp_path / "q").exists()
