@@ -32,7 +32,8 @@ def inspect(
         console.print(
             f"[bold]{info['path']}[/]\n"
             f"  format        {info['format']}\n"
-            f"  architecture  {info['architecture']} ({info['model_type']}, {info['layers']} layers, "
+            + (f"  quantization  {info['quantization']}\n" if info.get("quantization") else "")
+            + f"  architecture  {info['architecture']} ({info['model_type']}, {info['layers']} layers, "
             f"hidden {info['hidden_size']}, vocab {info['vocab_size']})\n"
             f"  parameters    {info['parameters']:,}\n"
             f"  dtype         {info['dtype']}\n"

@@ -23,32 +23,54 @@ _DTYPE_NAMES = {
 def inspect_checkpoint(model: str) -> dict[str, Any]:
     path = resolve_model(model)
     fmt = detect_format(path)
-    if fmt != "hf":
+    if fmt not in ("hf", "gptq"):
         from infq.errors import InfqError
 
         raise InfqError(f"{path}: inspecting {fmt} checkpoints is not available in this version of infq")
-    return _inspect_hf(path)
+    return _inspect_safetensors(path, fmt)
 
 
-def _inspect_hf(path: Path) -> dict[str, Any]:
+_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _gptq_entry(ckpt: Checkpoint, module: str, qc: dict[str, Any]) -> dict[str, Any]:
+    bits = int(qc.get("bits", 4))
+    packed_in, out = ckpt.shape(f"{module}.qweight")
+    inp = packed_in * 32 // bits
+    gs = int(qc.get("group_size", -1))
+    sym = "sym" if qc.get("sym", True) else "asym"
+    act = " act-order" if qc.get("desc_act") else ""
+    nbytes = sum(ckpt.nbytes(f"{module}.{p}") for p in _GPTQ_PARTS if f"{module}.{p}" in ckpt)
+    scheme = f"gptq int{bits} g{gs if gs > 0 else 'channel'} {sym}{act}"
+    return {"name": f"{module}.weight", "shape": [out, inp], "scheme": scheme, "params": out * inp, "bytes": nbytes}
+
+
+def _inspect_safetensors(path: Path, fmt: str) -> dict[str, Any]:
     config = read_config(path)
+    qc = config.get("quantization_config") or {}
     ckpt = Checkpoint(path)
     tensors = []
     params = stored = 0
     for name in sorted(ckpt.keys()):
-        shape = list(ckpt.shape(name))
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = ckpt.nbytes(name)
-        params += numel
-        stored += nbytes
-        scheme = _DTYPE_NAMES.get(str(ckpt.dtype(name)), str(ckpt.dtype(name)))
-        tensors.append({"name": name, "shape": shape, "scheme": scheme, "params": numel, "bytes": nbytes})
-    dtypes = sorted({t["scheme"] for t in tensors})
+        if name.endswith(".qweight"):
+            entry = _gptq_entry(ckpt, name.removesuffix(".qweight"), qc)
+        elif name.rsplit(".", 1)[-1] in _GPTQ_PARTS[1:] and name.rsplit(".", 1)[0] + ".qweight" in ckpt:
+            continue  # counted with its qweight
+        else:
+            shape = list(ckpt.shape(name))
+            numel = 1
+            for d in shape:
+                numel *= d
+            scheme = _DTYPE_NAMES.get(str(ckpt.dtype(name)), str(ckpt.dtype(name)))
+            entry = {"name": name, "shape": shape, "scheme": scheme, "params": numel, "bytes": ckpt.nbytes(name)}
+        params += entry["params"]
+        stored += entry["bytes"]
+        tensors.append(entry)
+    dtypes = sorted({t["scheme"] for t in tensors if not t["scheme"].startswith("gptq")})
     return {
         "path": str(path),
-        "format": "hf",
+        "format": fmt,
+        "quantization": {k: qc[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format") if k in qc},
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
         "model_type": config.get("model_type"),
         "layers": config.get("num_hidden_layers"),
