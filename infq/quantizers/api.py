@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from infq.errors import InfqError
-from infq.quantizers.calibrate import BlockResult, CalibrationContext, LayerStats, QuantizeFn, calibrate
+from infq.quantizers.calibrate import (
+    BlockResult,
+    CalibrationContext,
+    LayerStats,
+    QuantizeFn,
+    calibrate,
+)
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
 
 AVAILABLE = ("rtn", "gptq")
