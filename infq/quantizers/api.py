@@ -2,9 +2,11 @@
 
 Validates the request into a `QuantConfig`, opens the full-precision checkpoint (memory-mapped),
 samples calibration windows when the method needs statistics, runs the shared calibration driver
-block by block and streams every tensor straight into the writer of the method's format. The
-output is built in a temporary directory beside the target and renamed into place only when
-complete; an existing output is replaced only with `force`, and only after the new one is whole.
+block by block and streams every tensor straight into the writer of the method's format. Finished
+blocks are staged in `.<out>.partial/` beside the target (see staging.py: `--resume` continues an
+interrupted run from there); the checkpoint is assembled in that folder and renamed into place
+only when complete. An existing output is replaced only with `force`, and only after the new one
+is whole.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from infq.quantizers.calibrate import (
     calibrate,
 )
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
+from infq.quantizers.staging import Stage, fingerprint
 
 AVAILABLE = ("rtn", "gptq")
 _COPY = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.tiktoken|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(json|jinja))$")
@@ -91,7 +94,7 @@ def rss_peak_bytes() -> int:
 
 def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     """Quantize `req.model` and write the checkpoint; returns the summary `infq quantize` prints."""
-    from infq.formats.hf import Checkpoint, read_config, resolve_model
+    from infq.formats.hf import Checkpoint, read_config, resolve_model, weight_paths
     from infq.runtime.arch import ModelConfig
     from infq.runtime.loader import HFWeights, check_checkpoint, expected_shapes
 
@@ -102,8 +105,6 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
         seqlen=req.seqlen, skip=req.skip,
     )
     fn = method_fn(config.method)
-    if req.resume:
-        raise InfqError("--resume is not available in this version of infq; rerun without it")
     src = resolve_model(req.model)
     hf_config = read_config(src)
     if hf_config.get("quantization_config"):
@@ -118,17 +119,23 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     if out.exists() and not req.force:
         raise InfqError(f"{out} already exists; pass --force to replace it or choose another --out")
     windows = _windows(req, config, src, cfg) if config.method != "rtn" else None
+    stage_dir = out.parent / f".{out.name}.partial"
+    if req.force and not req.resume and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    fp = fingerprint(hf_config, weight_paths(src), {**config.to_dict(), "seed": req.seed}, windows)
+    stage = Stage(stage_dir, fp)
+    done = stage.start(req.resume)
     ctx = CalibrationContext(cfg, HFWeights(ckpt), config, fn, device=torch.device(req.device))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    try:
-        stats = _write(tmp, src, hf_config, ckpt, cfg, config, calibrate(ctx, windows), req, bar)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    from infq.formats.hf import weight_paths
-
+    ctx.on_linear = _linear_progress(bar, cfg.num_layers, len(done))
+    for result in calibrate(ctx, windows, done):
+        stage.save(result)
+    tmp = stage_dir / "out"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    stats = _write(tmp, src, hf_config, ckpt, cfg, config, (stage.read(i) for i in range(cfg.num_layers)), req)
+    _replace(tmp, out)
+    shutil.rmtree(stage_dir)
     return {
         "out": str(out), "method": config.method, "bits": config.bits, "group_size": config.group_size,
         "sym": config.sym, "desc_act": config.desc_act, "format": "gptq",
@@ -138,7 +145,33 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
         "dataset": None if windows is None else (req.dataset or _default_dataset(req)),
         "nsamples": 0 if windows is None else int(windows.shape[0]),
         "seqlen": 0 if windows is None else int(windows.shape[1]),
+        "resumed_blocks": len(done),
     }
+
+
+def _linear_progress(bar: Any, blocks: int, done: int) -> Callable[[int, str, dict[str, float]], None] | None:
+    """Progress per block; the line shows the last linear's loss, damp and time."""
+    if bar is None:
+        return None
+    task = bar.add_task("quantize", total=blocks, completed=done, info="")
+    last = {"block": done}
+
+    def on_linear(i: int, name: str, info: dict[str, float]) -> None:
+        if i != last["block"]:
+            bar.update(task, completed=i)
+            last["block"] = i
+        short = name.rsplit(".", 1)[-1]
+        parts = [f"block {i} {short}"]
+        if "loss" in info:
+            parts.append(f"loss {info['loss']:.4g}")
+        if "damp" in info:
+            parts.append(f"damp {info['damp']:g}")
+        parts.append(f"{info['seconds']:.2f} s")
+        bar.update(task, info=" ".join(parts))
+        if name.endswith("down_proj"):
+            bar.update(task, completed=i + 1)
+
+    return on_linear
 
 
 def _default_dataset(req: QuantizeRequest) -> str:
@@ -155,7 +188,7 @@ def _windows(req: QuantizeRequest, config: QuantConfig, src: Path, cfg: Any) -> 
 
 
 def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any, config: QuantConfig,
-           blocks: Iterator[BlockResult], req: QuantizeRequest, bar: Any) -> dict[str, Any]:
+           blocks: Iterator[BlockResult], req: QuantizeRequest) -> dict[str, Any]:
     from infq.formats.gptq import (
         default_checkpoint_format,
         gptq_quantization_config,
@@ -165,15 +198,7 @@ def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any,
 
     fmt = default_checkpoint_format(config)
     totals = {"bits": 0.0, "weights": 0, "linears": 0}
-    task = bar.add_task("quantize", total=cfg.num_layers, info="") if bar is not None else None
-
-    def on_block(result: BlockResult) -> None:
-        if bar is not None:
-            worst = max((v.get("loss", 0.0) for v in result.info.values()), default=0.0)
-            bar.update(task, advance=1, info=f"block {result.index}: {len(result.tensors)} linears, "
-                       f"max loss {worst:.3g}, {result.seconds:.1f} s")
-
-    tensors = _stream(ckpt, cfg, config, blocks, fmt, totals, on_block)
+    tensors = _stream(ckpt, cfg, config, blocks, fmt, totals)
     write_gptq_shards(tmp, tensors, max_shard_bytes=req.max_shard_bytes)
     qc = gptq_quantization_config(config, fmt)
     (tmp / "config.json").write_text(json.dumps({**hf_config, "quantization_config": qc}, indent=2))
@@ -187,7 +212,7 @@ def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any,
 
 
 def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResult], fmt: str,
-            totals: dict[str, Any], on_block: Callable[[BlockResult], None]) -> Iterator[tuple[str, Tensor]]:
+            totals: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) pairs for the writer: unquantized tensors as stored, quantized ones packed."""
     from infq.formats.gptq import quantized_tensor_to_gptq
 
@@ -210,7 +235,6 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
         for name in ckpt.keys():
             if name.startswith(prefix) and name not in done:
                 yield name, ckpt.get(name)
-        on_block(result)
 
 
 def _replace(tmp: Path, out: Path) -> None:

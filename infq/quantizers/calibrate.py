@@ -126,12 +126,27 @@ def _observe(block: Block, roles: tuple[str, ...], need: frozenset[str], h: Tens
     return {r: s.finish() for r, s in stats.items()}
 
 
+def _replay(block: Block, result: BlockResult, dtype: torch.dtype, device: torch.device) -> None:
+    """Put an earlier run's quantized weights into `block` (resuming an interrupted run)."""
+    arch = block.cfg.arch
+    for role in arch.linears:
+        qt = result.tensors.get(arch.linear_name(block.index, role))
+        if qt is not None:
+            block.linears[role] = DenseLinear(qt.dequantize(dtype).to(device), block.linears[role].bias)
+
+
 @torch.inference_mode()
-def calibrate(ctx: CalibrationContext, windows: Tensor | None) -> Iterator[BlockResult]:
+def calibrate(
+    ctx: CalibrationContext, windows: Tensor | None, done: list[BlockResult] | None = None
+) -> Iterator[BlockResult]:
     """Quantize block after block; yields each block's quantized tensors as soon as it is done.
 
     `windows` (n, T) are calibration token ids; None for methods that need no statistics.
+    `done` holds the results of blocks 0..k-1 from an interrupted run: those blocks are rebuilt
+    with their quantized weights and only run forward (to rebuild the activations), then
+    quantization continues at block k exactly as the uninterrupted run would have.
     """
+    done = done or []
     cfg, arch, config = ctx.cfg, ctx.cfg.arch, ctx.config
     need = METHOD_STATS[config.method]
     h = out = rope = None
@@ -144,6 +159,12 @@ def calibrate(ctx: CalibrationContext, windows: Tensor | None) -> Iterator[Block
     for i in range(cfg.num_layers):
         start = time.perf_counter()
         block = build_block(cfg, ctx.source, i, ctx.dtype, ctx.device)
+        if i < len(done):
+            if need:
+                _replay(block, done[i], ctx.dtype, ctx.device)
+                _run(block, h, rope, ctx.batch_size, out)
+                h, out = out, h
+            continue
         result = BlockResult(i, {})
         for roles in arch.sequential:
             todo = tuple(r for r in roles if not config.is_skipped(arch.linear_name(i, r)))

@@ -64,14 +64,42 @@ def test_bad_requests(tmp_path, tiny_model):
     assert not (tmp_path / "q").exists()
 
 
-def test_failure_midway_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+def _interrupting_method(monkeypatch, fail_at_call: int | None):
+    """Method 'gptq' (so the driver runs forwards and collects Hessians) solved by RTN; optionally
+    interrupted, as by Ctrl-C, at the given linear."""
     import infq.quantizers.api as api
 
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
+    calls = {"n": 0}
 
-    monkeypatch.setattr(api, "_replace", boom)
-    with pytest.raises(RuntimeError):
-        quantize_model(QuantizeRequest(model=str(tiny_model), method="rtn", out=str(tmp_path / "q"), group_size=32))
-    assert not any(p.name.startswith(".q") for p in tmp_path.iterdir())
-    assert not (tmp_path / "q").exists()
+    def fn(weight, stats, config):
+        calls["n"] += 1
+        if calls["n"] == fail_at_call:
+            raise KeyboardInterrupt
+        assert stats.hessian is not None
+        return quantize_rtn(weight, config), {"loss": 0.0}
+
+    monkeypatch.setattr(api, "method_fn", lambda method: fn)
+    return calls
+
+
+def test_interrupted_run_resumes_byte_identical(tmp_path, monkeypatch):
+    src = make_tiny_model(tmp_path / "src", num_hidden_layers=3)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"calibration line {i} with some words" for i in range(300)))
+    base = dict(model=str(src), method="gptq", group_size=32, dataset=str(text), nsamples=4, seqlen=32)
+    _interrupting_method(monkeypatch, None)
+    quantize_model(QuantizeRequest(**base, out=str(tmp_path / "whole")))
+    _interrupting_method(monkeypatch, 7 + 3)  # inside block 1
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(QuantizeRequest(**base, out=str(out)))
+    assert not out.exists() and (tmp_path / ".cut.partial").is_dir()
+    with pytest.raises(InfqError, match="--resume"):
+        quantize_model(QuantizeRequest(**base, out=str(out)))
+    with pytest.raises(InfqError, match="another model, dataset or config"):
+        quantize_model(QuantizeRequest(**{**base, "nsamples": 5}, out=str(out), resume=True))
+    calls = _interrupting_method(monkeypatch, None)
+    res = quantize_model(QuantizeRequest(**base, out=str(out), resume=True))
+    assert res["resumed_blocks"] == 1 and calls["n"] == 2 * 7
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (tmp_path / ".cut.partial").exists()
