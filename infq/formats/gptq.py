@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from safetensors.torch import save_file
 
 from infq import __version__
 from infq.errors import InfqError
+from infq.formats.safetensors_io import SafetensorsWriter
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, QuantScheme, check_group_size
 
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format values: zero stored as zero-1 (v1) or as is (v2)
@@ -329,7 +329,7 @@ def write_gptq_shards(
 ) -> dict[str, str]:
     """Stream (name, tensor) pairs into safetensors shards in `out_dir`; returns the weight map.
 
-    Holds at most one shard in memory: a shard is flushed before a tensor that would push it past
+    Holds at most one tensor in memory (SafetensorsWriter); a new shard starts before a tensor that would push it past
     `max_shard_bytes` (a single larger tensor gets a shard of its own). One shard is named
     model.safetensors; several are renamed to model-0000k-of-0000n.safetensors at the end and
     described by model.safetensors.index.json. Writes only inside `out_dir`, which must exist and
@@ -345,27 +345,32 @@ def write_gptq_shards(
     meta = {"format": "pt", **(metadata or {})}
     shard_of: dict[str, int] = {}  # tensor name -> shard number (0-based)
     partial: list[Path] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
+    writer: SafetensorsWriter | None = None
+    total = 0
     try:
         for name, tensor in tensors_iter:
             if name in shard_of:
                 raise ValueError(f"tensor {name!r} was given twice")
-            t = tensor.detach().cpu().contiguous()
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > max_shard_bytes:
-                partial.append(_flush(out, len(partial), shard, meta))
-                shard, size = {}, 0
-            shard[name], shard_of[name] = t, len(partial)
-            size, total = size + nbytes, total + nbytes
-        if shard:
-            partial.append(_flush(out, len(partial), shard, meta))
-        if not partial:
+            nbytes = tensor.numel() * tensor.element_size()
+            if writer is not None and len(writer) and writer.nbytes + nbytes > max_shard_bytes:
+                writer.close()
+                writer = None
+            if writer is None:
+                partial.append(out / f"model-{len(partial) + 1:05d}.safetensors.partial")
+                writer = SafetensorsWriter(partial[-1], meta)
+            writer.add(name, tensor)
+            shard_of[name] = len(partial) - 1
+            total += nbytes
+        if writer is None:
             raise ValueError("no tensors to write")
+        writer.close()
+        writer = None
         names = _shard_names(len(partial))
         for src, dst in zip(partial, names, strict=True):
             os.replace(src, out / dst)
     except BaseException:  # leave no half-written checkpoint (the directory held none at the start)
+        if writer is not None:
+            writer.abort()
         for p in partial + [out / n for n in _shard_names(len(partial))] if partial else []:
             p.unlink(missing_ok=True)
         raise
@@ -376,9 +381,3 @@ def write_gptq_shards(
         tmp.write_text(json.dumps(index, indent=2) + "\n")
         os.replace(tmp, out / "model.safetensors.index.json")
     return weight_map
-
-
-def _flush(out: Path, k: int, shard: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
-    path = out / f"model-{k + 1:05d}.safetensors.partial"
-    save_file(shard, str(path), metadata=meta)
-    return path

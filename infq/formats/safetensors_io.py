@@ -120,3 +120,57 @@ class SafetensorsFile:
                     mm.close()
                 except BufferError:  # a tensor still views it; the OS frees it with the last view
                     pass
+
+
+_TAGS = {dtype: tag for tag, (dtype, _) in DTYPES.items()}
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file one tensor at a time, holding none of them in memory.
+
+    Tensor bytes go to `<path>.data` as they come; `close()` writes the header and then copies the
+    data behind it, so memory stays at one tensor whatever the file's size. The `safetensors`
+    library's own writer needs every tensor of a file in memory at once.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._data_path = self.path.with_name(self.path.name + ".data")
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._header: dict[str, object] = {}
+        self._metadata = dict(metadata or {})
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"tensor {name!r} was given twice")
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype not in _TAGS:
+            raise ValueError(f"dtype {t.dtype} has no safetensors tag")
+        n = t.numel() * t.element_size()
+        if n:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._header[name] = {"dtype": _TAGS[t.dtype], "shape": list(t.shape), "data_offsets": [self.nbytes, self.nbytes + n]}
+        self.nbytes += n
+
+    def close(self) -> None:
+        self._data.close()
+        header = dict(self._header)
+        if self._metadata:
+            header["__metadata__"] = self._metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            while chunk := data.read(1 << 24):
+                out.write(chunk)
+        self._data_path.unlink()
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)

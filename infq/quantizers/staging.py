@@ -96,7 +96,7 @@ class Stage:
             meta = fh.metadata() or {}
         tensors = load_file(str(f))
         result = BlockResult(i, {}, json.loads(meta.pop("__info__", "{}")))
-        for name, desc in meta.items():
+        for name, desc in sorted(meta.items()):  # safetensors metadata comes back unordered
             d = json.loads(desc)
             result.tensors[name] = QuantizedTensor(
                 **{p: tensors.get(f"{name}.{p}") for p in _PARTS},
