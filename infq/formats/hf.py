@@ -79,10 +79,16 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 
 class Checkpoint:
-    """The tensors of a model directory by HF name, memory-mapped where the format allows."""
+    """The tensors of a model directory by HF name, memory-mapped where the format allows.
 
-    def __init__(self, model_dir: Path) -> None:
+    With `mmap=False`, `get` reads each tensor into fresh memory instead: a block-by-block walk
+    (calibration) then frees each block's weights when it is done, where a memory map would leave
+    every page it touched counted in the process's resident set.
+    """
+
+    def __init__(self, model_dir: Path, mmap: bool = True) -> None:
         self.dir = model_dir
+        self.mmap = mmap
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         self._pt: dict[str, torch.Tensor] = {}
@@ -107,9 +113,10 @@ class Checkpoint:
         if name in self._pt:
             return self._pt[name]
         try:
-            return self._files[self._where[name]].get(name)
+            st = self._files[self._where[name]]
         except KeyError:
             raise InfqError(f"{self.dir}: tensor {name!r} is missing; the checkpoint is incomplete") from None
+        return st.get(name) if self.mmap else st.read(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._pt:

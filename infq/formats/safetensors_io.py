@@ -98,6 +98,18 @@ class SafetensorsFile:
         _, _, begin, end = self._entries[name]
         return end - begin
 
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor read into fresh memory (freed with the tensor; no file pages stay mapped)."""
+        dtype_tag, shape, begin, end = self._entries[name]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise InfqError(f"{self.path} is truncated: tensor {name!r} could not be read whole")
+        if not buf:
+            return torch.empty(shape, dtype=DTYPES[dtype_tag][0])
+        return torch.frombuffer(buf, dtype=torch.uint8).view(DTYPES[dtype_tag][0]).reshape(shape)
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor as a view of the memory map (copy-on-write: writes never reach the file)."""
         dtype_tag, shape, begin, end = self._entries[name]

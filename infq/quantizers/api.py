@@ -110,7 +110,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     if hf_config.get("quantization_config"):
         raise InfqError(f"{src} is already quantized; quantize the full-precision model instead")
     cfg = ModelConfig.from_hf(hf_config)
-    ckpt = Checkpoint(src)
+    ckpt = Checkpoint(src, mmap=False)  # one block's weights in memory at a time
     check_checkpoint(ckpt, cfg)
     for name, shape in expected_shapes(cfg).items():
         if name.endswith("_proj.weight"):

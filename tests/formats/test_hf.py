@@ -148,3 +148,12 @@ def test_shape_mismatch_with_config(tmp_path, tiny_model):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InfqError, match="does not match its config"):
         load_model(str(out))
+
+
+def test_read_without_mmap_equals_mmap(tiny_model):
+    a, b = Checkpoint(tiny_model), Checkpoint(tiny_model, mmap=False)
+    for name in a.keys():
+        assert torch.equal(a.get(name), b.get(name))
+    w = b.get("model.layers.0.mlp.up_proj.weight")
+    w += 1  # fresh memory: writable, and the file is untouched
+    assert not torch.equal(w, a.get("model.layers.0.mlp.up_proj.weight"))
