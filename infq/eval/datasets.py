@@ -99,9 +99,10 @@ def eval_tokens(
     tokenizer, dataset: str, data_file: str | None = None, seqlen: int | None = None
 ) -> torch.LongTensor:
     """Token ids (N,) of the eval text, tokenized once; c4 is cut to 256 * seqlen tokens."""
-    ids = torch.tensor(_encode(tokenizer, load_text(dataset, "eval", data_file)), dtype=torch.long)
     if seqlen is not None:
         _check_positive("seqlen", seqlen)
+    ids = torch.tensor(_encode(tokenizer, load_text(dataset, "eval", data_file)), dtype=torch.long)
+    if seqlen is not None:
         if canonical_name(dataset) == "c4":
             ids = ids[: _C4_EVAL_WINDOWS * seqlen]  # (N,)
         if ids.numel() < seqlen:
