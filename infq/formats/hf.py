@@ -192,9 +192,12 @@ def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise InfqError(
             f"{model_dir}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             "copy the tokenizer files of the original model into it"
         ) from None
+    # infq tokenizes whole corpora on purpose and windows them itself: no length warnings.
+    tok.model_max_length = 1 << 62
+    return tok

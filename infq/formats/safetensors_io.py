@@ -55,7 +55,7 @@ class SafetensorsFile:
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InfqError(f"{self.path} has a corrupt header ({e.msg}); {fix}") from None
+            raise InfqError(f"{self.path} has a corrupt header ({type(e).__name__}); {fix}") from None
         if not isinstance(header, dict):
             raise InfqError(f"{self.path} has a corrupt header (not a JSON object); {fix}")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
