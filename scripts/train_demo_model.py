@@ -11,7 +11,7 @@ Run from the repository root:  python scripts/train_demo_model.py [--out DIR] [-
 With the default 1000 steps it takes about 11 minutes on 2 CPU cores (torch threads fixed at 2).
 It logs the training loss every 45 steps, then reloads the saved float16 checkpoint, checks the
 tokenizer round-trips stdlib code through `AutoTokenizer`, prints the perplexity on the demo
-eval split (non-overlapping 256-token windows, at most 100, float32) next to the uniform-guess
+eval split (non-overlapping 512-token windows, at most 100, float32) next to the uniform-guess
 perplexity (the vocabulary size, 4096), and writes those figures to DIR/TRAINING.md.
 Deterministic given the seed, the Python version (the corpus is its stdlib) and the library
 versions; CPU only.
@@ -35,7 +35,7 @@ VOCAB = 4096
 SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama-2; bytes <0x00>..<0xFF> are 3..258
 MODEL = dict(
     vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
     rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
     eos_token_id=2, hidden_act="silu", initializer_range=0.02,
 )  # fmt: skip
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--steps", type=int, default=1000, help="optimizer steps (~0.65 s each on 2 cores)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512, help="training context; also the config's max_position_embeddings")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -217,7 +217,8 @@ def main(argv=None) -> None:
     ids = torch.tensor(tokenizer(load_text("demo", "calib"), verbose=False).input_ids)  # (N,)
     print(f"tokenizer: {len(tokenizer)} ids; calib text {ids.numel():,} tokens", flush=True)
 
-    model = LlamaForCausalLM(LlamaConfig(**MODEL)).float()
+    # The model is trained at one context length and declares it, so every tool caps windows there.
+    model = LlamaForCausalLM(LlamaConfig(**{**MODEL, "max_position_embeddings": args.seqlen})).float()
     t_train = time.time()
     log = train(model, ids, args)
     train_s = time.time() - t_train

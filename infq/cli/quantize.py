@@ -24,6 +24,7 @@ def quantize(
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration window (capped at the model's max)."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     skip: list[str] = typer.Option([], "--skip", help="Regex of module names to leave unquantized (repeatable)."),
+    lm_head: bool = typer.Option(False, "--lm-head", help="Quantize lm_head too (kept in full precision by default)."),
     out: str = typer.Option(None, "--out", "-o", help="Output directory (default: <model>-<method>-w<bits>g<group>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block."),
@@ -37,7 +38,7 @@ def quantize(
         req = QuantizeRequest(
             model=model, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
             static_groups=static_groups, damp_percent=damp_percent, dataset=dataset, data_file=data_file,
-            nsamples=nsamples, seqlen=seqlen, seed=seed, skip=tuple(skip), out=out, force=force,
+            nsamples=nsamples, seqlen=seqlen, seed=seed, skip=tuple(skip), lm_head=lm_head, out=out, force=force,
             resume=resume, device=device,
         )
         with progress(quiet=json_out) as bar:
@@ -45,6 +46,8 @@ def quantize(
         if json_out:
             print_json(result)
             return
+        for warning in result["warnings"]:
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(
             f"wrote {result['out']} ({result['format']}): {human_bytes(result['bytes_before'])} -> "
             f"{human_bytes(result['bytes_after'])}, {result['bits_per_weight']:.3f} bits/weight, "

@@ -55,6 +55,7 @@ class QuantizeRequest:
     seqlen: int = 2048
     seed: int = 0
     skip: tuple[str, ...] = ()
+    lm_head: bool = False
     out: str | None = None
     force: bool = False
     resume: bool = False
@@ -102,7 +103,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     config = QuantConfig(
         method=req.method, bits=req.bits, group_size=req.group_size, sym=req.sym, desc_act=req.desc_act,
         static_groups=req.static_groups, damp_percent=req.damp_percent, nsamples=req.nsamples,
-        seqlen=req.seqlen, skip=req.skip,
+        seqlen=req.seqlen, skip=req.skip, lm_head=req.lm_head,
     )
     fn = method_fn(config.method)
     src = resolve_model(req.model)
@@ -110,6 +111,8 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     if hf_config.get("quantization_config"):
         raise InfqError(f"{src} is already quantized; quantize the full-precision model instead")
     cfg = ModelConfig.from_hf(hf_config)
+    if config.lm_head and cfg.tie_word_embeddings:
+        raise InfqError("lm_head is tied to the embeddings in this model; quantize without --lm-head")
     ckpt = Checkpoint(src, mmap=False)  # one block's weights in memory at a time
     check_checkpoint(ckpt, cfg)
     for name, shape in expected_shapes(cfg).items():
@@ -133,7 +136,8 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    stats = _write(tmp, src, hf_config, ckpt, cfg, config, (stage.read(i) for i in range(cfg.num_layers)), req)
+    staged = (stage.read(i) for i in range(cfg.num_layers + int(config.lm_head)))
+    stats = _write(tmp, src, hf_config, ckpt, cfg, config, staged, req)
     _replace(tmp, out)
     shutil.rmtree(stage_dir)
     return {
@@ -146,6 +150,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
         "nsamples": 0 if windows is None else int(windows.shape[0]),
         "seqlen": 0 if windows is None else int(windows.shape[1]),
         "resumed_blocks": len(done),
+        "warnings": stats["warnings"],
     }
 
 
@@ -197,7 +202,7 @@ def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any,
     )
 
     fmt = default_checkpoint_format(config)
-    totals = {"bits": 0.0, "weights": 0, "linears": 0}
+    totals: dict[str, Any] = {"bits": 0.0, "weights": 0, "linears": 0, "warnings": []}
     tensors = _stream(ckpt, cfg, config, blocks, fmt, totals)
     write_gptq_shards(tmp, tensors, max_shard_bytes=req.max_shard_bytes)
     qc = gptq_quantization_config(config, fmt)
@@ -208,7 +213,8 @@ def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any,
             shutil.copy2(f, tmp / f.name)
     for f in tmp.iterdir():
         f.chmod(0o644)
-    return {"bits_per_weight": totals["bits"] / max(totals["weights"], 1), "linears": totals["linears"]}
+    return {"bits_per_weight": totals["bits"] / max(totals["weights"], 1), "linears": totals["linears"],
+            "warnings": totals["warnings"]}
 
 
 def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResult], fmt: str,
@@ -217,12 +223,18 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
     from infq.formats.gptq import quantized_tensor_to_gptq
 
     arch = cfg.arch
-    prefixes = [arch.block(i) + "." for i in range(cfg.num_layers)]
-    for name in ckpt.keys():  # embeddings, final norm, lm_head
-        if not any(name.startswith(p) for p in prefixes):
+    prefixes = [arch.block(i) + "." for i in range(cfg.num_layers)] + ["lm_head."]
+    head = arch.lm_head if config.lm_head else None
+    for name in ckpt.keys():  # embeddings, final norm, lm_head unless quantized
+        if not any(name.startswith(p) for p in prefixes[:-1]) and name != head:
             yield name, ckpt.get(name)
     for result in blocks:
         prefix = prefixes[result.index]
+        for module, info in result.info.items():
+            if info.get("damp_escalations"):
+                totals["warnings"].append(
+                    f"{module}: Cholesky failed at damp {config.damp_percent:g}; raised to {info['damp']:g}"
+                )
         for module, qt in result.tensors.items():
             bias_name = f"{module}.bias"
             bias = ckpt.get(bias_name) if bias_name in ckpt else None
@@ -233,7 +245,7 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
             totals["linears"] += 1
         done = {f"{m}.weight" for m in result.tensors} | {f"{m}.bias" for m in result.tensors}
         for name in ckpt.keys():
-            if name.startswith(prefix) and name not in done:
+            if name.startswith(prefix) and name not in done and name != arch.lm_head:
                 yield name, ckpt.get(name)
 
 

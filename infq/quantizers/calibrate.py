@@ -23,7 +23,7 @@ from torch import Tensor
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor
 from infq.runtime.arch import ModelConfig
 from infq.runtime.linear import DenseLinear
-from infq.runtime.model import Block, Rope, WeightSource, build_block
+from infq.runtime.model import Block, Rope, WeightSource, build_block, rms_norm
 
 # Which statistics each method's observers collect.
 METHOD_STATS: dict[str, frozenset[str]] = {
@@ -189,3 +189,23 @@ def calibrate(
         result.seconds = time.perf_counter() - start
         del block
         yield result
+    if config.lm_head and len(done) <= cfg.num_layers:
+        yield _quantize_head(ctx, h, need)
+
+
+def _quantize_head(ctx: CalibrationContext, h: Tensor | None, need: frozenset[str]) -> BlockResult:
+    """lm_head (asked for with QuantConfig.lm_head): its inputs are the final-normed hidden states."""
+    cfg, start = ctx.cfg, time.perf_counter()
+    weight = ctx.source.tensor(cfg.arch.lm_head).to(ctx.device, torch.float32)  # (V, C)
+    stats = LayerStats(weight.shape[1])
+    if need:
+        assert h is not None
+        norm = ctx.source.tensor(cfg.arch.final_norm).to(ctx.device, ctx.dtype)
+        for s in range(0, h.shape[0], ctx.batch_size):
+            stats.add_batch(rms_norm(h[s : s + ctx.batch_size], norm, cfg.rms_norm_eps), need)
+        stats.finish()
+    qt, info = ctx.quantize_fn(weight, stats, ctx.config)
+    info = {**info, "seconds": time.perf_counter() - start}
+    if ctx.on_linear is not None:
+        ctx.on_linear(cfg.num_layers, "lm_head", info)
+    return BlockResult(cfg.num_layers, {"lm_head": qt}, {"lm_head": info}, time.perf_counter() - start)

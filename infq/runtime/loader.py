@@ -111,7 +111,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, quantized: bool = False) -> None:
     for name, shape in expected_shapes(cfg).items():
-        if quantized and name.endswith("_proj.weight") and name.replace(".weight", ".qweight") in ckpt:
+        if quantized and name.removesuffix(".weight") + ".qweight" in ckpt:
             continue  # packed; its shapes are checked when it is unpacked
         if name not in ckpt:
             raise InfqError(f"{ckpt.dir}: tensor {name} is missing; the checkpoint does not match its config.json")

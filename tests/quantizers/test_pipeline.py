@@ -121,3 +121,25 @@ def test_gptq_end_to_end_beats_rtn_on_logits(tmp_path):
     ref = load_model(str(src), tokenizer=False).model(ids)
     err = {k: (load_model(str(tmp_path / k), tokenizer=False).model(ids) - ref).pow(2).mean().item() for k in "gr"}
     assert err["g"] < 0.8 * err["r"], err
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_lm_head_quantized_only_when_asked(tmp_path, method):
+    src = make_tiny_model(tmp_path / "src")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"some calibration text number {i}" for i in range(200)))
+    req = QuantizeRequest(model=str(src), method=method, group_size=32, dataset=str(text), nsamples=4,
+                          seqlen=32, lm_head=True, out=str(tmp_path / "q"))
+    res = quantize_model(req)
+    assert res["quantized_linears"] == 2 * 7 + 1
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert "lm_head.qweight" in stored and "lm_head.weight" not in stored
+    model = load_model(str(tmp_path / "q"), tokenizer=False).model
+    original = load_file(str(src / "model.safetensors"))["lm_head.weight"]
+    err = (model.lm_head.weight - original).abs()
+    assert 0 < err.max() < 0.1  # quantized, close
+    if method == "rtn":
+        assert torch.equal(model.lm_head.weight, quantize_rtn(original, QuantConfig(method="rtn", group_size=32)).dequantize())
+    tied = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    with pytest.raises(InfqError, match="tied"):
+        quantize_model(QuantizeRequest(**{**req.__dict__, "model": str(tied), "out": str(tmp_path / "t")}))
