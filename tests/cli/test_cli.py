@@ -112,3 +112,27 @@ def test_named_dataset_offline_names_the_way_out(tiny_model):
     )
     assert out.returncode == 2
     assert "--dataset" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_quantize_json_and_bad_inputs(tmp_path, tiny_model, text_file):
+    out = tmp_path / "q"
+    args = ("quantize", "--model", tiny_model, "--method", "gptq", "--bits", 4, "--group-size", 32,
+            "--dataset", text_file, "--nsamples", 4, "--seqlen", 32, "--out", out)
+    r = invoke(*args, "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("out", "method", "bits", "group_size", "seconds", "peak_rss_bytes", "bits_per_weight"):
+        assert key in obj
+    assert obj["out"] == str(out) and 4 < obj["bits_per_weight"] < 5
+    _bad(invoke(*args), "already exists", "--force")
+    _bad(invoke("quantize", "--model", tiny_model, "--bits", 5, "--out", tmp_path / "b"), "bits 5", "2, 3, 4 or 8")
+    _bad(invoke("quantize", "--model", tiny_model, "--group-size", 48, "--out", tmp_path / "b"), "48", "divide")
+    _bad(invoke("quantize", "--model", tiny_model, "--damp", 2, "--out", tmp_path / "b"), "damp")
+    _bad(invoke("quantize", "--model", tiny_model, "--method", "awq", "--out", tmp_path / "b"), "awq", "not available")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    _bad(invoke("quantize", "--model", tiny_model, "--dataset", short, "--nsamples", 4, "--seqlen", 32,
+                "--group-size", 32, "--out", tmp_path / "b"), "tokens")
+    assert not (tmp_path / "b").exists()
+    r = invoke("eval", out, "--ppl", text_file, "--seqlen", 64, "--limit", 2, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["format"] == "gptq"
