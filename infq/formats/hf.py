@@ -188,11 +188,18 @@ def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    """transformers' AutoTokenizer from the model directory (no remote code)."""
-    from transformers import AutoTokenizer
+    """The model's transformers tokenizer (no remote code).
+
+    The class named by tokenizer_config.json is used directly when transformers has it, which is
+    what AutoTokenizer resolves too, without AutoTokenizer's config probing (that imports the
+    modeling stack, ~160 MB of resident memory, which matters when quantizing with one block in
+    memory); anything else goes through AutoTokenizer.
+    """
+    import transformers
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        cls = _named_tokenizer_class(model_dir, transformers)
+        tok = (cls or transformers.AutoTokenizer).from_pretrained(str(model_dir))
     except Exception as e:
         raise InfqError(
             f"{model_dir}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
@@ -201,3 +208,16 @@ def load_tokenizer(model_dir: Path) -> Any:
     # infq tokenizes whole corpora on purpose and windows them itself: no length warnings.
     tok.model_max_length = 1 << 62
     return tok
+
+
+def _named_tokenizer_class(model_dir: Path, transformers: Any) -> Any:
+    cfg_path = model_dir / "tokenizer_config.json"
+    if not (model_dir / "tokenizer.json").is_file() or not cfg_path.is_file():
+        return None
+    try:
+        name = json.loads(cfg_path.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    return getattr(transformers, name, None) or getattr(transformers, f"{name}Fast", None)

@@ -157,3 +157,16 @@ def test_read_without_mmap_equals_mmap(tiny_model):
     w = b.get("model.layers.0.mlp.up_proj.weight")
     w += 1  # fresh memory: writable, and the file is untouched
     assert not torch.equal(w, a.get("model.layers.0.mlp.up_proj.weight"))
+
+
+@pytest.mark.parametrize("which", ["tiny", "demo"])
+def test_load_tokenizer_matches_autotokenizer(tiny_model, which):
+    from transformers import AutoTokenizer
+
+    from infq.formats.hf import load_tokenizer
+
+    path = tiny_model if which == "tiny" else hf.demo_model_path()
+    text = "def f(x):\n    return {'a': x}  # ünïcödé\n\n\tend"
+    ours, ref = load_tokenizer(path), AutoTokenizer.from_pretrained(str(path))
+    assert ours(text).input_ids == ref(text).input_ids
+    assert ours.bos_token_id == ref.bos_token_id and ours.eos_token_id == ref.eos_token_id
