@@ -18,7 +18,7 @@ def quantize(
     desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order: quantize columns by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="With --desc-act: fix group scales before reordering."),
     damp_percent: float = typer.Option(0.01, "--damp", help="GPTQ dampening, fraction of the mean Hessian diagonal."),
-    dataset: str = typer.Option("c4", "--dataset", help="Calibration data: c4, wikitext2, ptb, demo, or a local .txt/.jsonl/.parquet path."),
+    dataset: str = typer.Option(None, "--dataset", help="Calibration data: c4, wikitext2, ptb, demo, or a local .txt/.jsonl/.parquet path [default: demo for the demo model, else c4]."),
     data_file: str = typer.Option(None, "--data-file", help="Local copy of the named dataset's calibration split."),
     nsamples: int = typer.Option(128, "--nsamples", help="Calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration window (capped at the model's max)."),

@@ -25,6 +25,7 @@ from types import MappingProxyType
 import torch
 
 from infq.errors import InfqError
+from infq.formats.hf import hub_reachable
 
 NAMED = ("wikitext2", "c4", "ptb", "demo")
 _ALIASES = MappingProxyType({"wikitext": "wikitext2"})
@@ -263,7 +264,7 @@ def _hub_records(name: str, split: str) -> list[str]:
         f"dataset {name!r} cannot be reached (offline?); pass --data-file PATH with a local copy"
         f" of its {hub_split} split, or --dataset PATH for any local .txt/.jsonl/.parquet"
     )
-    if _offline():
+    if _offline() or not hub_reachable():
         raise error
     import datasets
 

@@ -50,9 +50,29 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     raise InfqError(f"{model}: no such file or directory (nor a hub id of the form org/name)")
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub's host answers at all; saves a minute of retries when offline."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
+    offline = f"model {repo_id!r} cannot be fetched from the hub (offline?); download it elsewhere and pass the local directory"
+    if not hub_reachable():
+        try:  # a copy already in the local hub cache still works offline
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+        except Exception:
+            raise InfqError(offline) from None
     try:
         local = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
     except Exception as e:  # offline, unknown repo, gated, ...: all end the same way for a user

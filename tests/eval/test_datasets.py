@@ -214,6 +214,7 @@ def test_c4_calibration_falls_back_to_joined_text(tmp_path, byte_tok):
 def online(monkeypatch):
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("infq.eval.datasets.hub_reachable", lambda: True)
     return monkeypatch
 
 

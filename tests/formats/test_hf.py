@@ -119,6 +119,7 @@ def test_hub_id_downloads_through_snapshot(monkeypatch, tiny_model):
         return str(tiny_model)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    monkeypatch.setattr("infq.formats.hf.hub_reachable", lambda: True)
     assert resolve_model("some-org/some-model") == tiny_model
     assert calls["repo_id"] == "some-org/some-model"
     assert "*.safetensors" in calls["patterns"] and "*.bin" not in calls["patterns"]
