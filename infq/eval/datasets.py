@@ -128,13 +128,13 @@ def calibration_windows(
     records = load_records(dataset, "calib", data_file)
     rng = random.Random(seed)
     joiner = _joiner(dataset)
-    joined: list[int] = []
+    joined: list[torch.Tensor] = []
 
-    def joined_ids() -> list[int]:  # tokenized at most once, only when needed
+    def joined_ids() -> torch.Tensor:  # tokenized at most once, only when needed
         if not joined:
-            joined.extend(_encode(tokenizer, joiner.join(records)))
-            _check_calib_length(dataset, len(joined), seqlen)
-        return joined
+            joined.append(_encode_pieces(tokenizer, joiner.join(records)))  # (N,)
+            _check_calib_length(dataset, len(joined[0]), seqlen)
+        return joined[0]
 
     by_document = canonical_name(dataset) == "c4"  # GPTQ samples c4 one document at a time
     rows = []
@@ -142,7 +142,7 @@ def calibration_windows(
         ids = _long_document(tokenizer, records, seqlen, rng) if by_document else None
         ids = ids if ids is not None else joined_ids()
         start = rng.randint(0, len(ids) - seqlen)
-        rows.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))  # (seqlen,)
+        rows.append(torch.as_tensor(ids[start : start + seqlen], dtype=torch.long))  # (seqlen,)
     return torch.stack(rows)  # (nsamples, seqlen)
 
 
@@ -171,6 +171,29 @@ def _check_positive(what: str, value: int) -> None:
 def _encode(tokenizer, text: str) -> list[int]:
     # verbose=False: long eval texts exceed model_max_length on purpose; no warning wanted.
     return list(tokenizer(text, verbose=False).input_ids)
+
+
+def _encode_pieces(tokenizer, text: str, piece: int = 1 << 16) -> torch.Tensor:
+    """Token ids (N,) int32 of a long calibration text, tokenized in ~64 KB pieces cut at newlines.
+
+    Tokenizing 6 MB in one call holds every token's string and offsets at once (~600 MB and
+    seconds); pieces keep that to one batch. Ids equal whole-text tokenization except where a
+    tokenizer treats the start of a piece specially (e.g. a prepended "▁"), which is immaterial
+    for random calibration windows. Evaluation text is always tokenized whole (exact counts).
+    """
+    cuts, start = [], 0
+    while start < len(text):
+        end = min(start + piece, len(text))
+        if end < len(text):
+            nl = text.rfind("\n", start + 1, end)
+            end = nl + 1 if nl > start else end
+        cuts.append(text[start:end])
+        start = end
+    out = [torch.tensor(tokenizer(cuts[:1], verbose=False).input_ids[0], dtype=torch.int32)]
+    for b in range(1, len(cuts), 16):
+        enc = tokenizer(cuts[b : b + 16], add_special_tokens=False, verbose=False).input_ids
+        out.extend(torch.tensor(ids, dtype=torch.int32) for ids in enc)
+    return torch.cat(out)  # (N,)
 
 
 def _joiner(dataset: str) -> str:
