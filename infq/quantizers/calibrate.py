@@ -41,7 +41,7 @@ class LayerStats:
 
     in_features: int
     tokens: int = 0
-    hessian: Tensor | None = None  # (in, in) = 2/n * sum x x^T, GPTQ's H
+    hessian: Tensor | None = None  # (in, in) float32 = 2/n * sum x x^T, GPTQ's H
     absmean: Tensor | None = None  # (in,) mean |x|, AWQ's s_x
     sqmean: Tensor | None = None  # (in,) mean x^2, the importance matrix
     amax: Tensor | None = None  # () max |x|, FP8 static input scale
@@ -50,10 +50,9 @@ class LayerStats:
         x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
         n = x.shape[0]
         total = self.tokens + n
-        if "hessian" in need:  # running mean, as IST-DASLab's add_batch
-            xs = x.double() * (2.0 / total) ** 0.5
-            h = xs.T @ xs  # (in, in)
-            self.hessian = h if self.hessian is None else self.hessian * (self.tokens / total) + h
+        if "hessian" in need:  # a sum here; finish() scales it to IST-DASLab's 2/n * X X^T
+            h = x.T @ x  # (in, in)
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
         if "absmean" in need:
             s = x.abs().sum(0).double()
             self.absmean = s if self.absmean is None else self.absmean + s
@@ -67,6 +66,8 @@ class LayerStats:
 
     def finish(self) -> LayerStats:
         """Turn running sums into means."""
+        if self.tokens and self.hessian is not None:
+            self.hessian.mul_(2.0 / self.tokens)
         if self.tokens:
             if self.absmean is not None:
                 self.absmean = (self.absmean / self.tokens).float()
@@ -112,18 +113,31 @@ def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: 
             out[s : s + batch] = y
 
 
+class _Stop(Exception):
+    """Raised by an observer once the group's input is seen: the rest of the block is not needed."""
+
+
 def _observe(block: Block, roles: tuple[str, ...], need: frozenset[str], h: Tensor, rope, batch: int) -> dict[str, LayerStats]:
-    stats = {r: LayerStats(block.linears[r].in_features) for r in roles}
-    hooks = [
-        block.linears[r].register_forward_pre_hook(lambda _m, args, r=r: stats[r].add_batch(args[0], need))
-        for r in roles
-    ]
+    """Statistics of the input shared by `roles`, from forwards cut short at the first of them."""
+    stats = LayerStats(block.linears[roles[0]].in_features)
+
+    def hook(_module, args):
+        stats.add_batch(args[0], need)
+        raise _Stop
+
+    handle = block.linears[roles[0]].register_forward_pre_hook(hook)
+    cos, sin = rope
     try:
-        _run(block, h, rope, batch, None)
+        for s in range(0, h.shape[0], batch):
+            b = min(batch, h.shape[0] - s)
+            try:
+                block(h[s : s + batch], cos[:b], sin[:b])
+            except _Stop:
+                pass
     finally:
-        for hook in hooks:
-            hook.remove()
-    return {r: s.finish() for r, s in stats.items()}
+        handle.remove()
+    stats.finish()
+    return dict.fromkeys(roles, stats)  # one input, one set of statistics; methods never mutate it
 
 
 def _replay(block: Block, result: BlockResult, dtype: torch.dtype, device: torch.device) -> None:
