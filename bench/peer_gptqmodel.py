@@ -22,10 +22,34 @@ from common import infq, write
 
 PEER = r"""
 import json, sys, time, types, os
+# GPTQModel imports torchvision (for vision models) and the registry's build does not match the
+# CPU torch: serve any torchvision import with inert stand-ins, after transformers has recorded
+# that torchvision is absent.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import importlib.machinery
-tv = types.ModuleType("torchvision"); tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-sys.modules["torchvision"] = tv
+import transformers.utils.import_utils as iu
+iu.is_torchvision_available()  # cache the truth (False) before the stub appears
+class _Any(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        m = _Any(f"{self.__name__}.{name}")
+        m.__path__ = []
+        sys.modules[m.__name__] = m
+        setattr(self, name, m)
+        return m
+    def __call__(self, *a, **k):
+        return self
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            import importlib.machinery
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        m = _Any(spec.name); m.__path__ = []; return m
+    def exec_module(self, module):
+        pass
+sys.meta_path.append(_Finder())
 import torch
 from gptqmodel import GPTQModel, QuantizeConfig
 cfg = json.loads(sys.argv[1])

@@ -95,7 +95,7 @@ class CalibrationContext:
     quantize_fn: QuantizeFn
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    batch_size: int = 8
+    batch_tokens: int = 2048  # tokens per forward chunk: bounds the MLP/attention transients
     on_linear: Callable[[int, str, dict[str, float]], None] | None = None
 
 
@@ -163,12 +163,13 @@ def calibrate(
     done = done or []
     cfg, arch, config = ctx.cfg, ctx.cfg.arch, ctx.config
     need = METHOD_STATS[config.method]
+    batch = max(1, ctx.batch_tokens // windows.shape[1]) if windows is not None else 1
     h = out = rope = None
     if need:
         assert windows is not None
         h = embed_windows(ctx, windows)  # (n, T, C)
         out = torch.empty_like(h)
-        positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(ctx.batch_size, len(windows)), -1)
+        positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(batch, len(windows)), -1)
         rope = Rope(cfg)(positions, ctx.dtype)  # (b, T, d) each
     for i in range(cfg.num_layers):
         start = time.perf_counter()
@@ -176,7 +177,7 @@ def calibrate(
         if i < len(done):
             if need:
                 _replay(block, done[i], ctx.dtype, ctx.device)
-                _run(block, h, rope, ctx.batch_size, out)
+                _run(block, h, rope, batch, out)
                 h, out = out, h
             continue
         result = BlockResult(i, {})
@@ -184,7 +185,7 @@ def calibrate(
             todo = tuple(r for r in roles if not config.is_skipped(arch.linear_name(i, r)))
             if not todo:
                 continue
-            stats = _observe(block, todo, need, h, rope, ctx.batch_size) if need else {}
+            stats = _observe(block, todo, need, h, rope, batch) if need else {}
             for role in todo:
                 name = arch.linear_name(i, role)
                 lin = block.linears[role]
@@ -192,22 +193,24 @@ def calibrate(
                 st = stats.get(role) or LayerStats(lin.in_features)
                 qt, info = ctx.quantize_fn(lin.weight.detach().float(), st, config)
                 info = {**info, "seconds": time.perf_counter() - t0}
-                # Later groups and the next block see the quantization error.
-                block.linears[role] = DenseLinear(qt.dequantize(ctx.dtype).to(ctx.device), lin.bias)
+                if need:  # later groups and the next block see the quantization error
+                    block.linears[role] = DenseLinear(qt.dequantize(ctx.dtype).to(ctx.device), lin.bias)
+                else:  # no forward follows: drop the weight now, keeping one linear's worth
+                    block.linears[role] = torch.nn.Identity()
                 result.tensors[name], result.info[name] = qt, info
                 if ctx.on_linear is not None:
                     ctx.on_linear(i, name, info)
         if need:
-            _run(block, h, rope, ctx.batch_size, out)
+            _run(block, h, rope, batch, out)
             h, out = out, h
         result.seconds = time.perf_counter() - start
         del block
         yield result
     if config.lm_head and len(done) <= cfg.num_layers:
-        yield _quantize_head(ctx, h, need)
+        yield _quantize_head(ctx, h, need, batch)
 
 
-def _quantize_head(ctx: CalibrationContext, h: Tensor | None, need: frozenset[str]) -> BlockResult:
+def _quantize_head(ctx: CalibrationContext, h: Tensor | None, need: frozenset[str], batch: int) -> BlockResult:
     """lm_head (asked for with QuantConfig.lm_head): its inputs are the final-normed hidden states."""
     cfg, start = ctx.cfg, time.perf_counter()
     weight = ctx.source.tensor(cfg.arch.lm_head).to(ctx.device, torch.float32)  # (V, C)
@@ -215,8 +218,8 @@ def _quantize_head(ctx: CalibrationContext, h: Tensor | None, need: frozenset[st
     if need:
         assert h is not None
         norm = ctx.source.tensor(cfg.arch.final_norm).to(ctx.device, ctx.dtype)
-        for s in range(0, h.shape[0], ctx.batch_size):
-            stats.add_batch(rms_norm(h[s : s + ctx.batch_size], norm, cfg.rms_norm_eps), need)
+        for s in range(0, h.shape[0], batch):
+            stats.add_batch(rms_norm(h[s : s + batch], norm, cfg.rms_norm_eps), need)
         stats.finish()
     qt, info = ctx.quantize_fn(weight, stats, ctx.config)
     info = {**info, "seconds": time.perf_counter() - start}

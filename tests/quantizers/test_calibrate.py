@@ -40,7 +40,7 @@ def test_first_block_statistics_match_transformers(tmp_path):
 
     # Method "gptq" makes the driver collect Hessians; q/k/v (the first group) see exact inputs.
     config = QuantConfig(method="gptq", bits=8, group_size=-1)
-    ctx = CalibrationContext(cfg, HFWeights(Checkpoint(path)), config, recording_rtn, batch_size=4)
+    ctx = CalibrationContext(cfg, HFWeights(Checkpoint(path)), config, recording_rtn, batch_tokens=4 * 24)
     next(calibrate(ctx, windows))
     q_stats = captured[0]
     x = xs[names[0]]
