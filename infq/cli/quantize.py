@@ -57,7 +57,7 @@ def quantize(
 
 
 def _return_freed_memory() -> None:
-    """glibc: serve buffers of 1 MiB and more with mmap, so freeing a block's tensors returns the
+    """glibc: serve buffers of 32 MiB and more with mmap, so freeing a block's tensors returns the
     memory to the OS instead of leaving it in the heap (the dynamic threshold otherwise climbs and
     the process's resident size only grows, block after block)."""
     import ctypes
@@ -65,6 +65,6 @@ def _return_freed_memory() -> None:
 
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             pass

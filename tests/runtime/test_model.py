@@ -20,6 +20,9 @@ CASES = {
                           original_max_position_embeddings=32),
     ),
     "llama-linear-rope": dict(family="llama", rope_scaling=dict(rope_type="linear", factor=2.0)),
+    # dynamic NTK scaling only changes frequencies past the original length: 48 tokens > 32
+    "llama-dynamic-rope": dict(family="llama", max_position_embeddings=32,
+                               rope_scaling=dict(rope_type="dynamic", factor=2.0)),
     "mistral": dict(family="mistral", sliding_window=None),
     "mistral-window": dict(family="mistral", sliding_window=16),
     "qwen2-bias": dict(family="qwen2", num_key_value_heads=1),
