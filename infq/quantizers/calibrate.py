@@ -113,6 +113,19 @@ def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: 
             out[s : s + batch] = y
 
 
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and the resident size of a
+    block-by-block walk would grow with every block's transients)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class _Stop(Exception):
     """Raised by an observer once the group's input is seen: the rest of the block is not needed."""
 
@@ -186,6 +199,7 @@ def calibrate(
             if not todo:
                 continue
             stats = _observe(block, todo, need, h, rope, batch) if need else {}
+            release_memory()
             for role in todo:
                 name = arch.linear_name(i, role)
                 lin = block.linears[role]
@@ -205,6 +219,7 @@ def calibrate(
             h, out = out, h
         result.seconds = time.perf_counter() - start
         del block
+        release_memory()
         yield result
     if config.lm_head and len(done) <= cfg.num_layers:
         yield _quantize_head(ctx, h, need, batch)
