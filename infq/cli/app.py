@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from infq import __version__
-from infq.cli import eval_cmd, inspect_cmd, quantize, run
+from infq.cli import eval, inspect, quantize, run
 
 app = typer.Typer(
     name="infq",
@@ -20,9 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("quantize")(quantize.quantize)
-app.command("eval")(eval_cmd.eval_)
+app.command("eval")(eval.eval_)
 app.command("run")(run.run)
-app.command("inspect")(inspect_cmd.inspect)
+app.command("inspect")(inspect.inspect)
 
 
 def _version(value: bool) -> None:
