@@ -106,11 +106,17 @@ def embed_windows(ctx: CalibrationContext, windows: Tensor) -> Tensor:
 
 
 def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: Tensor | None) -> None:
+    """Run `block` over h (n, T, C) in chunks of `batch` windows, into `out` when given; a chunk
+    whose forward an observer cut short (`_Stop`) simply ends there."""
     cos, sin = rope
     for s in range(0, h.shape[0], batch):
-        y = block(h[s : s + batch], cos[: min(batch, h.shape[0] - s)], sin[: min(batch, h.shape[0] - s)])
+        b = min(batch, h.shape[0] - s)
+        try:
+            y = block(h[s : s + b], cos[:b], sin[:b])
+        except _Stop:
+            continue
         if out is not None:
-            out[s : s + batch] = y
+            out[s : s + b] = y
 
 
 def release_memory() -> None:
@@ -139,14 +145,8 @@ def _observe(block: Block, roles: tuple[str, ...], need: frozenset[str], h: Tens
         raise _Stop
 
     handle = block.linears[roles[0]].register_forward_pre_hook(hook)
-    cos, sin = rope
     try:
-        for s in range(0, h.shape[0], batch):
-            b = min(batch, h.shape[0] - s)
-            try:
-                block(h[s : s + batch], cos[:b], sin[:b])
-            except _Stop:
-                pass
+        _run(block, h, rope, batch, None)
     finally:
         handle.remove()
     stats.finish()
