@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from infq import __version__
-from infq.cli import eval, inspect, quantize, run
+from infq.cli import convert, eval, inspect, quantize, run
 
 app = typer.Typer(
     name="infq",
@@ -23,6 +23,7 @@ app.command("quantize")(quantize.quantize)
 app.command("eval")(eval.eval_)
 app.command("run")(run.run)
 app.command("inspect")(inspect.inspect)
+app.command("convert")(convert.convert)
 
 
 def _version(value: bool) -> None:

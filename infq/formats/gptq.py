@@ -7,17 +7,15 @@ input dim (3-bit: 32 rows in 3 words, a plain LSB-first bit stream); `qzeros` in
 (every v1 reader adds 1 back), v2 `"gptq_v2"` stores the zero as is. numpy / safetensors / torch
 tensors only, no torch.nn. Packing is vectorized over rows and columns; the only Python loops run
 over the <= 32 positions of one packing cycle. Writing a whole checkpoint directory (tmp dir +
-rename, config.json, tokenizer) belongs to the caller; `write_gptq_shards` only writes the
-safetensors shards and their index into a directory it is given.
+rename, config.json, tokenizer) belongs to the caller; `write_gptq_shards` (an alias of the
+format-agnostic `safetensors_io.write_shards`) only writes the safetensors shards and their index
+into a directory it is given.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch
 
 from infq import __version__
 from infq.errors import InfqError
-from infq.formats.safetensors_io import SafetensorsWriter
+from infq.formats.safetensors_io import write_shards
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, QuantScheme, check_group_size
 
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format values: zero stored as zero-1 (v1) or as is (v2)
@@ -215,8 +213,8 @@ def default_checkpoint_format(config: QuantConfig) -> str:
 
 def gptq_quantization_config(config: QuantConfig, fmt: str | None = None) -> dict[str, Any]:
     """config.json's `quantization_config` for a GPTQ (or RTN-in-GPTQ-format) checkpoint (§A.1.1)."""
-    if config.method not in ("gptq", "rtn"):
-        raise InfqError(f"method {config.method} is not written in GPTQ format; use method gptq or rtn")
+    if config.method not in ("gptq", "rtn", "awq"):
+        raise InfqError(f"method {config.method} is not written in GPTQ format; use method gptq, rtn or awq")
     fmt = fmt or default_checkpoint_format(config)
     _check_fmt(fmt)
     d: dict[str, Any] = {
@@ -296,7 +294,7 @@ def parse_gptq_config(d: Mapping[str, Any]) -> tuple[QuantConfig, str]:
 
     infq_method = meta.get("infq_method")
     config = QuantConfig(
-        method=infq_method if infq_method in ("gptq", "rtn") else "gptq",
+        method=infq_method if infq_method in ("gptq", "rtn", "awq") else "gptq",
         bits=_first(d, "bits", "w_bit"),
         group_size=_first(d, "group_size", "q_group_size"),
         sym=pick("sym", True),
@@ -312,72 +310,5 @@ def parse_gptq_config(d: Mapping[str, Any]) -> tuple[QuantConfig, str]:
     return config, fmt
 
 
-# --------------------------------------------------------------------------- shards
-
-
-def _shard_names(n: int) -> list[str]:
-    if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-
-
-def write_gptq_shards(
-    out_dir: str | os.PathLike[str],
-    tensors_iter: Iterable[tuple[str, torch.Tensor]],
-    max_shard_bytes: int = 5 * 2**30,
-    metadata: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """Stream (name, tensor) pairs into safetensors shards in `out_dir`; returns the weight map.
-
-    Holds at most one tensor in memory (SafetensorsWriter); a new shard starts before a tensor that would push it past
-    `max_shard_bytes` (a single larger tensor gets a shard of its own). One shard is named
-    model.safetensors; several are renamed to model-0000k-of-0000n.safetensors at the end and
-    described by model.safetensors.index.json. Writes only inside `out_dir`, which must exist and
-    hold no model*.safetensors yet.
-    """
-    out = Path(out_dir)
-    if not out.is_dir():
-        raise InfqError(f"output directory {out} does not exist; create it first")
-    if any(p.name.startswith("model") and ".safetensors" in p.name for p in out.iterdir()):
-        raise InfqError(f"{out} already holds model*.safetensors files; write into an empty directory")
-    if max_shard_bytes <= 0:
-        raise InfqError(f"max_shard_bytes {max_shard_bytes} must be positive, e.g. 5 GiB")
-    meta = {"format": "pt", **(metadata or {})}
-    shard_of: dict[str, int] = {}  # tensor name -> shard number (0-based)
-    partial: list[Path] = []
-    writer: SafetensorsWriter | None = None
-    total = 0
-    try:
-        for name, tensor in tensors_iter:
-            if name in shard_of:
-                raise ValueError(f"tensor {name!r} was given twice")
-            nbytes = tensor.numel() * tensor.element_size()
-            if writer is not None and len(writer) and writer.nbytes + nbytes > max_shard_bytes:
-                writer.close()
-                writer = None
-            if writer is None:
-                partial.append(out / f"model-{len(partial) + 1:05d}.safetensors.partial")
-                writer = SafetensorsWriter(partial[-1], meta)
-            writer.add(name, tensor)
-            shard_of[name] = len(partial) - 1
-            total += nbytes
-        if writer is None:
-            raise ValueError("no tensors to write")
-        writer.close()
-        writer = None
-        names = _shard_names(len(partial))
-        for src, dst in zip(partial, names, strict=True):
-            os.replace(src, out / dst)
-    except BaseException:  # leave no half-written checkpoint (the directory held none at the start)
-        if writer is not None:
-            writer.abort()
-        for p in partial + [out / n for n in _shard_names(len(partial))] if partial else []:
-            p.unlink(missing_ok=True)
-        raise
-    weight_map = {name: names[k] for name, k in shard_of.items()}
-    if len(names) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        tmp = out / "model.safetensors.index.json.partial"
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
-        os.replace(tmp, out / "model.safetensors.index.json")
-    return weight_map
+# Shards are format-agnostic; the old name stays for existing callers.
+write_gptq_shards = write_shards

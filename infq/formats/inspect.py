@@ -1,8 +1,10 @@
 """What a checkpoint holds: architecture, parameter count, format, per-tensor scheme and size.
 
-One function per format returns the same plain dict, which `infq inspect` prints as a table or
-as JSON. Parameter counts are of the logical (unquantized) weights; bits per weight divide the
-bytes stored for the weights by that count, so a 4-bit g128 GPTQ checkpoint reads about 4.25.
+Every safetensors format returns the same plain dict, which `infq inspect` prints as a table or
+as JSON: packed linears (GPTQ, AWQ, compressed-tensors; see formats.packed) are one logical
+`<module>.weight` entry each, with their scheme and the bytes of all their parts. Parameter counts
+are of the logical (unquantized) weights; bits per weight divide the bytes stored for the weights
+by that count, so a 4-bit g128 GPTQ checkpoint reads about 4.25.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from infq.formats.detect import detect_format
 from infq.formats.hf import Checkpoint, read_config, resolve_model
+from infq.formats.packed import PACKED_FORMATS, PackedLayout, layout_from_config
 
 _DTYPE_NAMES = {
     "torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16",
@@ -23,39 +26,61 @@ _DTYPE_NAMES = {
 def inspect_checkpoint(model: str) -> dict[str, Any]:
     path = resolve_model(model)
     fmt = detect_format(path)
-    if fmt not in ("hf", "gptq"):
+    if fmt != "hf" and fmt not in PACKED_FORMATS:
         from infq.errors import InfqError
 
         raise InfqError(f"{path}: inspecting {fmt} checkpoints is not available in this version of infq")
     return _inspect_safetensors(path, fmt)
 
 
-_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+def _logical_shape(ckpt: Checkpoint, module: str, layout: PackedLayout) -> tuple[int, int]:
+    """(out, in) of a packed linear from its stored shapes (weight_shape for compressed-tensors)."""
+    rows, cols = ckpt.shape(f"{module}.{layout.marker}")
+    if layout.format == "gptq":  # qweight (in*bits/32, out)
+        return cols, rows * 32 // layout.config.bits
+    if layout.format == "awq":  # qweight (in, out/8)
+        return cols * 8, rows
+    if f"{module}.weight_shape" in ckpt:  # weight_packed (out, ceil(in*bits/32))
+        out, inp = (int(x) for x in ckpt.get(f"{module}.weight_shape").reshape(-1).tolist())
+        return out, inp
+    return rows, cols * 32 // layout.config.bits
 
 
-def _gptq_entry(ckpt: Checkpoint, module: str, qc: dict[str, Any]) -> dict[str, Any]:
-    bits = int(qc.get("bits", 4))
-    packed_in, out = ckpt.shape(f"{module}.qweight")
-    inp = packed_in * 32 // bits
-    gs = int(qc.get("group_size", -1))
-    sym = "sym" if qc.get("sym", True) else "asym"
-    act = " act-order" if qc.get("desc_act") else ""
-    nbytes = sum(ckpt.nbytes(f"{module}.{p}") for p in _GPTQ_PARTS if f"{module}.{p}" in ckpt)
-    scheme = f"gptq int{bits} g{gs if gs > 0 else 'channel'} {sym}{act}"
-    return {"name": f"{module}.weight", "shape": [out, inp], "scheme": scheme, "params": out * inp, "bytes": nbytes}
+def _packed_entry(ckpt: Checkpoint, module: str, layout: PackedLayout) -> dict[str, Any]:
+    out, inp = _logical_shape(ckpt, module, layout)
+    nbytes = sum(ckpt.nbytes(f"{module}.{p}") for p in layout.parts if f"{module}.{p}" in ckpt)
+    return {"name": f"{module}.weight", "shape": [out, inp], "scheme": layout.describe(),
+            "params": out * inp, "bytes": nbytes}
+
+
+def _summary(qc: dict[str, Any], layout: PackedLayout | None) -> dict[str, Any]:
+    if layout is None:
+        return {}
+    c = layout.config
+    d: dict[str, Any] = {"quant_method": layout.format, "bits": c.bits, "group_size": c.group_size,
+                         "sym": c.sym, "desc_act": c.desc_act}
+    if layout.format == "gptq":
+        d["checkpoint_format"] = layout.checkpoint_format
+    elif layout.format == "awq":
+        d["version"] = "gemm"
+    else:
+        d["format"] = qc.get("format", "pack-quantized")
+    return d
 
 
 def _inspect_safetensors(path: Path, fmt: str) -> dict[str, Any]:
     config = read_config(path)
     qc = config.get("quantization_config") or {}
+    layout = layout_from_config(fmt, qc) if fmt != "hf" else None
     ckpt = Checkpoint(path)
     tensors = []
     params = stored = 0
     for name in sorted(ckpt.keys()):
-        if name.endswith(".qweight"):
-            entry = _gptq_entry(ckpt, name.removesuffix(".qweight"), qc)
-        elif name.rsplit(".", 1)[-1] in _GPTQ_PARTS[1:] and name.rsplit(".", 1)[0] + ".qweight" in ckpt:
-            continue  # counted with its qweight
+        module, _, suffix = name.rpartition(".")
+        if layout is not None and suffix == layout.marker:
+            entry = _packed_entry(ckpt, module, layout)
+        elif layout is not None and suffix in layout.parts and f"{module}.{layout.marker}" in ckpt:
+            continue  # counted with its marker tensor
         else:
             shape = list(ckpt.shape(name))
             numel = 1
@@ -66,11 +91,11 @@ def _inspect_safetensors(path: Path, fmt: str) -> dict[str, Any]:
         params += entry["params"]
         stored += entry["bytes"]
         tensors.append(entry)
-    dtypes = sorted({t["scheme"] for t in tensors if not t["scheme"].startswith("gptq")})
+    dtypes = sorted({t["scheme"] for t in tensors if layout is None or not t["scheme"].startswith(layout.label + " ")})
     return {
         "path": str(path),
         "format": fmt,
-        "quantization": {k: qc[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format") if k in qc},
+        "quantization": _summary(qc, layout),
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
         "model_type": config.get("model_type"),
         "layers": config.get("num_hidden_layers"),

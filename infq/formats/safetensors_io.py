@@ -5,7 +5,9 @@ tensor's dtype, shape and byte range, then the raw data (reference A.0). `Safete
 and checks the header against the file size up front, so a truncated or corrupt file fails with
 one line instead of a crash deep inside a forward pass, then hands out tensors that are views of a
 memory map: opening a 100 GB checkpoint costs nothing until a tensor is touched, and touching one
-tensor pages in only its bytes. Writing uses the `safetensors` library.
+tensor pages in only its bytes. `SafetensorsWriter` writes a file one tensor at a time, and
+`write_shards` cuts a stream of (name, tensor) pairs into shards plus their index; both are
+format-agnostic (every writer in infq.formats uses them).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +189,71 @@ class SafetensorsWriter:
         self._data.close()
         self._data_path.unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+def write_shards(
+    out_dir: str | os.PathLike[str],
+    tensors_iter: Iterable[tuple[str, torch.Tensor]],
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Stream (name, tensor) pairs into safetensors shards in `out_dir`; returns the weight map.
+
+    Holds at most one tensor in memory (SafetensorsWriter); a new shard starts before a tensor that would push it past
+    `max_shard_bytes` (a single larger tensor gets a shard of its own). One shard is named
+    model.safetensors; several are renamed to model-0000k-of-0000n.safetensors at the end and
+    described by model.safetensors.index.json. Writes only inside `out_dir`, which must exist and
+    hold no model*.safetensors yet.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise InfqError(f"output directory {out} does not exist; create it first")
+    if any(p.name.startswith("model") and ".safetensors" in p.name for p in out.iterdir()):
+        raise InfqError(f"{out} already holds model*.safetensors files; write into an empty directory")
+    if max_shard_bytes <= 0:
+        raise InfqError(f"max_shard_bytes {max_shard_bytes} must be positive, e.g. 5 GiB")
+    meta = {"format": "pt", **(metadata or {})}
+    shard_of: dict[str, int] = {}  # tensor name -> shard number (0-based)
+    partial: list[Path] = []
+    writer: SafetensorsWriter | None = None
+    total = 0
+    try:
+        for name, tensor in tensors_iter:
+            if name in shard_of:
+                raise ValueError(f"tensor {name!r} was given twice")
+            nbytes = tensor.numel() * tensor.element_size()
+            if writer is not None and len(writer) and writer.nbytes + nbytes > max_shard_bytes:
+                writer.close()
+                writer = None
+            if writer is None:
+                partial.append(out / f"model-{len(partial) + 1:05d}.safetensors.partial")
+                writer = SafetensorsWriter(partial[-1], meta)
+            writer.add(name, tensor)
+            shard_of[name] = len(partial) - 1
+            total += nbytes
+        if writer is None:
+            raise ValueError("no tensors to write")
+        writer.close()
+        writer = None
+        names = _shard_names(len(partial))
+        for src, dst in zip(partial, names, strict=True):
+            os.replace(src, out / dst)
+    except BaseException:  # leave no half-written checkpoint (the directory held none at the start)
+        if writer is not None:
+            writer.abort()
+        for p in partial + [out / n for n in _shard_names(len(partial))] if partial else []:
+            p.unlink(missing_ok=True)
+        raise
+    weight_map = {name: names[k] for name, k in shard_of.items()}
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        tmp = out / "model.safetensors.index.json.partial"
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, out / "model.safetensors.index.json")
+    return weight_map

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from infq.errors import InfqError
 from infq.formats.detect import detect_format
 from infq.formats.hf import Checkpoint, load_tokenizer, read_config, resolve_model
+from infq.formats.packed import MARKERS, layout_from_config
 from infq.runtime.arch import ModelConfig
 from infq.runtime.linear import dense_from
 from infq.runtime.model import DecoderModel
@@ -42,33 +43,49 @@ class HFWeights:
         return dense_from(self.ckpt.get(f"{module}.weight"), bias, dtype, device)
 
 
-class GPTQWeights(HFWeights):
-    """`WeightSource` over a GPTQ checkpoint: quantized linears are dequantized at load time.
+class PackedWeights(HFWeights):
+    """`WeightSource` over a packed checkpoint: quantized linears are dequantized at load time.
 
     (Fast dequant-GEMM kernels replace this with the kernels issue; the numbers are the same.)
     """
 
-    def __init__(self, ckpt: Checkpoint, quantization_config: dict[str, Any]) -> None:
-        from infq.formats.gptq import parse_gptq_config
+    FORMAT = ""  # a formats.packed.PACKED_FORMATS name, set by each subclass
 
+    def __init__(self, ckpt: Checkpoint, quantization_config: dict[str, Any]) -> None:
         super().__init__(ckpt)
-        self.qconfig, self.fmt = parse_gptq_config(quantization_config)
+        self.layout = layout_from_config(self.FORMAT, quantization_config)
 
     def __contains__(self, name: str) -> bool:
         module = name.removesuffix(".weight")
-        return name in self.ckpt or f"{module}.qweight" in self.ckpt
+        return name in self.ckpt or f"{module}.{self.layout.marker}" in self.ckpt
 
     def linear(self, module: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        if f"{module}.qweight" not in self.ckpt:
+        if f"{module}.{self.layout.marker}" not in self.ckpt:
             return super().linear(module, dtype, device)
-        from infq.formats.gptq import gptq_to_quantized_tensor
-
-        q = self.qconfig
-        names = ("qweight", "qzeros", "scales", "g_idx")
-        tensors = {k: self.ckpt.get(f"{module}.{k}") for k in names if f"{module}.{k}" in self.ckpt}
-        qt = gptq_to_quantized_tensor(tensors, q.bits, q.group_size, q.sym, q.desc_act, self.fmt)
+        qt = self.layout.read(self.ckpt, module)
         bias = self.ckpt.get(f"{module}.bias") if f"{module}.bias" in self.ckpt else None
         return dense_from(qt.dequantize(torch.float32), bias, dtype, device)
+
+
+class GPTQWeights(PackedWeights):
+    """GPTQ (AutoGPTQ / GPTQModel, checkpoint_format gptq or gptq_v2)."""
+
+    FORMAT = "gptq"
+
+
+class AWQWeights(PackedWeights):
+    """AWQ GEMM (AutoAWQ `WQLinear_GEMM`)."""
+
+    FORMAT = "awq"
+
+
+class CTWeights(PackedWeights):
+    """compressed-tensors pack-quantized (llm-compressor W4A16 / W4A16_ASYM / W8A16)."""
+
+    FORMAT = "compressed-tensors"
+
+
+SOURCES: tuple[type[PackedWeights], ...] = (GPTQWeights, AWQWeights, CTWeights)
 
 
 @dataclass
@@ -111,7 +128,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig, quantized: bool = False) -> None:
     for name, shape in expected_shapes(cfg).items():
-        if quantized and name.removesuffix(".weight") + ".qweight" in ckpt:
+        module = name.removesuffix(".weight")
+        if quantized and any(f"{module}.{marker}" in ckpt for marker in MARKERS):
             continue  # packed; its shapes are checked when it is unpacked
         if name not in ckpt:
             raise InfqError(f"{ckpt.dir}: tensor {name} is missing; the checkpoint does not match its config.json")
@@ -132,13 +150,14 @@ def load_model(
 ) -> LoadedModel:
     path = resolve_model(model)
     fmt = detect_format(path)
-    if fmt not in ("hf", "gptq"):
+    packed = {cls.FORMAT: cls for cls in SOURCES}
+    if fmt != "hf" and fmt not in packed:
         raise InfqError(f"{path}: reading {fmt} checkpoints is not available in this version of infq")
     hf_config = read_config(path)
     cfg = ModelConfig.from_hf(hf_config)
     ckpt = Checkpoint(path)
+    source = HFWeights(ckpt) if fmt == "hf" else packed[fmt](ckpt, hf_config["quantization_config"])
     check_checkpoint(ckpt, cfg, quantized=fmt != "hf")
-    source = HFWeights(ckpt) if fmt == "hf" else GPTQWeights(ckpt, hf_config["quantization_config"])
     dev = torch.device(device)
     net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
     tok = load_tokenizer(path) if tokenizer else None
