@@ -26,7 +26,8 @@ from infq.quantizers.scheme import QuantConfig, QuantizedTensor, QuantScheme, ch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column 8c + AWQ_ORDER[i]
 AWQ_BITS = 4
-_BITS_FIX = "AWQ GEMM format is 4-bit only; use --format compressed-tensors or GPTQ for {bits} bits"
+_BITS_FIX = ("AWQ GEMM format is 4-bit only; for {bits} bits use --format gptq (2, 3, 4, 8) "
+             "or --format compressed-tensors (4, 8)")
 
 # --------------------------------------------------------------------------- bit packing
 

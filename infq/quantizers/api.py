@@ -30,12 +30,13 @@ from infq.quantizers.calibrate import (
     CalibrationContext,
     LayerStats,
     QuantizeFn,
+    TransformFn,
     calibrate,
 )
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
 from infq.quantizers.staging import Stage, fingerprint
 
-AVAILABLE = ("rtn", "gptq")
+AVAILABLE = ("rtn", "gptq", "awq")
 _COPY = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.tiktoken|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(json|jinja))$")
 
 
@@ -45,7 +46,7 @@ class QuantizeRequest:
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
+    sym: bool | None = None  # None: the method's default (symmetric for rtn/gptq, asymmetric for awq)
     desc_act: bool = False
     static_groups: bool = False
     damp_percent: float = 0.01
@@ -60,7 +61,12 @@ class QuantizeRequest:
     force: bool = False
     resume: bool = False
     device: str = "cpu"
+    format: str = "auto"  # auto: the method's own (gptq for rtn/gptq, awq for awq)
     max_shard_bytes: int = 4 * 2**30
+
+
+FORMATS = ("auto", "gptq", "awq", "compressed-tensors")
+DEFAULT_FORMAT = {"rtn": "gptq", "gptq": "gptq", "awq": "awq"}
 
 
 def _rtn(weight: Tensor, stats: LayerStats, config: QuantConfig) -> tuple[QuantizedTensor, dict[str, float]]:
@@ -70,7 +76,7 @@ def _rtn(weight: Tensor, stats: LayerStats, config: QuantConfig) -> tuple[Quanti
 
 
 def method_fn(method: str) -> QuantizeFn:
-    if method == "rtn":
+    if method in ("rtn", "awq"):  # AWQ's codes are RTN of the scaled, clipped weights
         return _rtn
     if method == "gptq":
         from infq.quantizers.gptq import quantize_gptq
@@ -79,6 +85,17 @@ def method_fn(method: str) -> QuantizeFn:
     raise InfqError(
         f"--method {method} is not available in this version of infq; available: {', '.join(AVAILABLE)}"
     )
+
+
+_HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # half models: blocks and activations stay half
+
+
+def _transform(method: str) -> TransformFn | None:
+    if method == "awq":
+        from infq.quantizers.awq import awq_block
+
+        return awq_block
+    return None
 
 
 def default_out(model_path: Path, config: QuantConfig) -> Path:
@@ -100,8 +117,9 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     from infq.runtime.loader import HFWeights, check_checkpoint, expected_shapes
 
     start = time.perf_counter()
+    sym = req.sym if req.sym is not None else req.method != "awq"
     config = QuantConfig(
-        method=req.method, bits=req.bits, group_size=req.group_size, sym=req.sym, desc_act=req.desc_act,
+        method=req.method, bits=req.bits, group_size=req.group_size, sym=sym, desc_act=req.desc_act,
         static_groups=req.static_groups, damp_percent=req.damp_percent, nsamples=req.nsamples,
         seqlen=req.seqlen, skip=req.skip, lm_head=req.lm_head,
     )
@@ -118,6 +136,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     for name, shape in expected_shapes(cfg).items():
         if name.endswith("_proj.weight"):
             check_group_size(shape[1], config.group_size)
+    layout = _layout(req, config, cfg)  # format errors (AWQ at 3 bits, ...) before any calibration
     out = Path(req.out) if req.out else default_out(src, config)
     if out.exists() and not req.force:
         raise InfqError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -128,7 +147,8 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     fp = fingerprint(hf_config, weight_paths(src), {**config.to_dict(), "seed": req.seed}, windows)
     stage = Stage(stage_dir, fp)
     done = stage.start(req.resume)
-    ctx = CalibrationContext(cfg, HFWeights(ckpt), config, fn, device=torch.device(req.device))
+    ctx = CalibrationContext(cfg, HFWeights(ckpt), config, fn, device=torch.device(req.device),
+                             store_dtype=_HALF.get(cfg.torch_dtype), transform=_transform(config.method))
     ctx.on_linear = _linear_progress(bar, cfg.num_layers, len(done))
     for result in calibrate(ctx, windows, done):
         stage.save(result)
@@ -137,12 +157,13 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
         shutil.rmtree(tmp)
     tmp.mkdir()
     staged = (stage.read(i) for i in range(cfg.num_layers + int(config.lm_head)))
-    stats = _write(tmp, src, hf_config, ckpt, cfg, config, staged, req)
+    stats = _write(tmp, src, hf_config, ckpt, cfg, config, staged, req, layout)
     _replace(tmp, out)
     shutil.rmtree(stage_dir)
     return {
         "out": str(out), "method": config.method, "bits": config.bits, "group_size": config.group_size,
-        "sym": config.sym, "desc_act": config.desc_act, "format": "gptq",
+        "sym": config.sym, "desc_act": config.desc_act, "format": layout.format,
+        "checkpoint_format": layout.checkpoint_format if layout.format == "gptq" else None,
         "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": rss_peak_bytes(),
         "bits_per_weight": stats["bits_per_weight"], "quantized_linears": stats["linears"],
         "bytes_before": ckpt.file_bytes(), "bytes_after": sum(p.stat().st_size for p in weight_paths(out)),
@@ -192,22 +213,37 @@ def _windows(req: QuantizeRequest, config: QuantConfig, src: Path, cfg: Any) -> 
     return calibration_windows(tok, req.dataset or _default_dataset(req), config.nsamples, seqlen, req.seed, req.data_file)
 
 
-def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any, config: QuantConfig,
-           blocks: Iterator[BlockResult], req: QuantizeRequest) -> dict[str, Any]:
-    from infq.formats.gptq import (
-        default_checkpoint_format,
-        gptq_quantization_config,
-        gptq_quantize_config_json,
-        write_gptq_shards,
-    )
+def _layout(req: QuantizeRequest, config: QuantConfig, cfg: Any) -> Any:
+    """The packed layout the checkpoint is written in, validated against the config now."""
+    from infq.formats.gptq import default_checkpoint_format
+    from infq.formats.packed import PackedLayout
 
-    fmt = default_checkpoint_format(config)
+    if req.format not in FORMATS:
+        raise InfqError(f"--format {req.format} is unknown; use one of {', '.join(FORMATS)}")
+    fmt = DEFAULT_FORMAT.get(config.method, "gptq") if req.format == "auto" else req.format
+    layout = PackedLayout(fmt, config, default_checkpoint_format(config))
+    layout.quantization_config(_unquantized(cfg, config))  # raises the format's one-line refusals
+    return layout
+
+
+def _unquantized(cfg: Any, config: QuantConfig) -> list[str]:
+    """Full names of the block linears `--skip` leaves in full precision."""
+    arch = cfg.arch
+    names = [arch.linear_name(i, r) for i in range(cfg.num_layers) for r in arch.linears]
+    return [n for n in names if config.is_skipped(n)]
+
+
+def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any, config: QuantConfig,
+           blocks: Iterator[BlockResult], req: QuantizeRequest, layout: Any) -> dict[str, Any]:
+    from infq.formats.safetensors_io import write_shards
+
     totals: dict[str, Any] = {"bits": 0.0, "weights": 0, "linears": 0, "warnings": []}
-    tensors = _stream(ckpt, cfg, config, blocks, fmt, totals)
-    write_gptq_shards(tmp, tensors, max_shard_bytes=req.max_shard_bytes)
-    qc = gptq_quantization_config(config, fmt)
+    tensors = _stream(ckpt, cfg, config, blocks, layout, totals)
+    write_shards(tmp, tensors, max_shard_bytes=req.max_shard_bytes)
+    qc = layout.quantization_config(_unquantized(cfg, config))
     (tmp / "config.json").write_text(json.dumps({**hf_config, "quantization_config": qc}, indent=2))
-    (tmp / "quantize_config.json").write_text(json.dumps(gptq_quantize_config_json(config, fmt), indent=2))
+    if layout.format == "gptq":  # GPTQ tools also read a standalone quantize_config.json
+        (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2))
     for f in src.iterdir():
         if f.is_file() and _COPY.match(f.name):
             shutil.copy2(f, tmp / f.name)
@@ -217,11 +253,9 @@ def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any,
             "warnings": totals["warnings"]}
 
 
-def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResult], fmt: str,
+def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResult], layout: Any,
             totals: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) pairs for the writer: unquantized tensors as stored, quantized ones packed."""
-    from infq.formats.gptq import quantized_tensor_to_gptq
-
     arch = cfg.arch
     prefixes = [arch.block(i) + "." for i in range(cfg.num_layers)] + ["lm_head."]
     head = arch.lm_head if config.lm_head else None
@@ -237,8 +271,8 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
                 )
         for module, qt in result.tensors.items():
             bias_name = f"{module}.bias"
-            bias = ckpt.get(bias_name) if bias_name in ckpt else None
-            for suffix, t in quantized_tensor_to_gptq(qt, bias, fmt).items():
+            bias = result.dense.get(bias_name, ckpt.get(bias_name) if bias_name in ckpt else None)
+            for suffix, t in layout.encode(qt, bias).items():
                 yield f"{module}.{suffix}", t
             totals["bits"] += 8 * qt.nbytes
             totals["weights"] += qt.shape[0] * qt.shape[1]
@@ -246,7 +280,10 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
         done = {f"{m}.weight" for m in result.tensors} | {f"{m}.bias" for m in result.tensors}
         for name in ckpt.keys():
             if name.startswith(prefix) and name not in done and name != arch.lm_head:
-                yield name, ckpt.get(name)
+                if name in result.dense:  # rewritten by the method (AWQ's scaled norms), stored as the source was
+                    yield name, result.dense[name].to(ckpt.dtype(name))
+                else:
+                    yield name, ckpt.get(name)
 
 
 def _replace(tmp: Path, out: Path) -> None:

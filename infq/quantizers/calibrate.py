@@ -8,7 +8,11 @@ calibration activations with observers on that group's inputs, hands each linear
 block so later groups and the next block see the quantization error, as GPTQ does. The quantized
 block's outputs become the next block's inputs. Peak memory is one block plus the calibration
 activations (two (nsamples, seqlen, hidden) tensors), not the model.
-Methods that need no statistics (RTN) skip the forward passes entirely.
+Methods that need no statistics (RTN) skip the forward passes entirely. Methods that rewrite a
+whole block before quantizing it (AWQ: scales folded into norms and linears, clipping) give a
+`transform`: it sees the full-precision block and its inputs and returns new full-precision
+tensors; the driver quantizes the returned weights, keeps the other changed tensors (norms,
+biases) in `BlockResult.dense`, and feeds the next block the full-precision block's outputs.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor
 from infq.runtime.arch import ModelConfig
-from infq.runtime.linear import DenseLinear
+from infq.runtime.linear import DequantLinear
 from infq.runtime.model import Block, Rope, WeightSource, build_block, rms_norm
 
 # Which statistics each method's observers collect.
@@ -51,8 +56,9 @@ class LayerStats:
         n = x.shape[0]
         total = self.tokens + n
         if "hessian" in need:  # a sum here; finish() scales it to IST-DASLab's 2/n * X X^T
-            h = x.T @ x  # (in, in)
-            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+            if self.hessian is None:
+                self.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.hessian.addmm_(x.T, x)  # (in, in), accumulated in place
         if "absmean" in need:
             s = x.abs().sum(0).double()
             self.absmean = s if self.absmean is None else self.absmean + s
@@ -85,6 +91,20 @@ class BlockResult:
     tensors: dict[str, QuantizedTensor]  # full HF module name -> quantized weight
     info: dict[str, dict[str, float]] = field(default_factory=dict)  # per module: loss, damp, seconds
     seconds: float = 0.0
+    dense: dict[str, Tensor] = field(default_factory=dict)  # full tensor name -> replaced full-precision tensor
+
+
+class Transformed(Protocol):
+    """A block rewritten by a method's transform, in full precision (see AWQ)."""
+
+    weights: dict[str, Tensor]  # role -> weight (out, in) to quantize
+    biases: dict[str, Tensor | None]  # role -> bias
+    norms: dict[str, Tensor]  # norm role -> weight
+    info: dict[str, dict[str, float]]  # full module name -> figures for the report
+
+
+# (block, inputs (n, T, C), rope, windows per chunk, config, role -> module name) -> Transformed
+TransformFn = Callable[["Block", Tensor, tuple[Tensor, Tensor], int, QuantConfig, Callable[[str], str]], Transformed]
 
 
 @dataclass
@@ -93,26 +113,32 @@ class CalibrationContext:
     source: WeightSource
     config: QuantConfig
     quantize_fn: QuantizeFn
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # compute dtype of the block forwards
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Storage dtype of block weights and calibration activations between blocks (the model's own
+    # half type keeps peak memory near one fp16 block); None: the compute dtype.
+    store_dtype: torch.dtype | None = None
     batch_tokens: int = 2048  # tokens per forward chunk: bounds the MLP/attention transients
     on_linear: Callable[[int, str, dict[str, float]], None] | None = None
+    transform: TransformFn | None = None  # block-level rewrite before quantization (AWQ)
 
 
 def embed_windows(ctx: CalibrationContext, windows: Tensor) -> Tensor:
-    """Block-0 inputs (n, T, C) for token windows (n, T), reading only the embedding rows used."""
-    table = ctx.source.tensor(ctx.cfg.arch.embed)  # (V, C), memory-mapped
-    return torch.nn.functional.embedding(windows, table).to(ctx.device, ctx.dtype)
+    """Block-0 inputs (n, T, C) for token windows (n, T), in the storage dtype."""
+    table = ctx.source.tensor(ctx.cfg.arch.embed)  # (V, C)
+    return torch.nn.functional.embedding(windows, table).to(ctx.device, ctx.store_dtype or ctx.dtype)
 
 
 def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: Tensor | None) -> None:
-    """Run `block` over h (n, T, C) in chunks of `batch` windows, into `out` when given; a chunk
-    whose forward an observer cut short (`_Stop`) simply ends there."""
+    """Run `block` over h (n, T, C) in chunks of `batch` windows (computed in the rope's dtype),
+    into `out` when given (`out` may be h itself: windows are independent, so each chunk is
+    overwritten only after it was read); a chunk whose forward an observer cut short (`_Stop`)
+    simply ends there."""
     cos, sin = rope
     for s in range(0, h.shape[0], batch):
         b = min(batch, h.shape[0] - s)
         try:
-            y = block(h[s : s + b], cos[:b], sin[:b])
+            y = block(h[s : s + b].to(cos.dtype), cos[:b], sin[:b])
         except _Stop:
             continue
         if out is not None:
@@ -153,13 +179,25 @@ def _observe(block: Block, roles: tuple[str, ...], need: frozenset[str], h: Tens
     return dict.fromkeys(roles, stats)  # one input, one set of statistics; methods never mutate it
 
 
-def _replay(block: Block, result: BlockResult, dtype: torch.dtype, device: torch.device) -> None:
+def _replay(block: Block, result: BlockResult, device: torch.device) -> None:
     """Put an earlier run's quantized weights into `block` (resuming an interrupted run)."""
     arch = block.cfg.arch
     for role in arch.linears:
         qt = result.tensors.get(arch.linear_name(block.index, role))
         if qt is not None:
-            block.linears[role] = DenseLinear(qt.dequantize(dtype).to(device), block.linears[role].bias)
+            block.linears[role] = _quantized(qt, block.linears[role].bias, device)
+
+
+def _quantized(qt: QuantizedTensor, bias: Tensor | None, device: torch.device) -> torch.nn.Module:
+    """The block's linear after quantization: codes kept, dequantized per forward (1 byte/weight)."""
+    return DequantLinear(_to(qt, device), bias)
+
+
+def _to(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
+    if qt.codes.device == device:
+        return qt
+    parts = {k: (None if getattr(qt, k) is None else getattr(qt, k).to(device)) for k in ("codes", "scales", "zeros", "g_idx")}
+    return QuantizedTensor(**parts, scheme=qt.scheme, shape=qt.shape)
 
 
 @torch.inference_mode()
@@ -177,21 +215,30 @@ def calibrate(
     cfg, arch, config = ctx.cfg, ctx.cfg.arch, ctx.config
     need = METHOD_STATS[config.method]
     batch = max(1, ctx.batch_tokens // windows.shape[1]) if windows is not None else 1
-    h = out = rope = None
+    h = rope = None
+    store = ctx.store_dtype or ctx.dtype
     if need:
         assert windows is not None
-        h = embed_windows(ctx, windows)  # (n, T, C)
-        out = torch.empty_like(h)
+        h = embed_windows(ctx, windows)  # (n, T, C), each block's outputs overwrite its inputs
         positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(batch, len(windows)), -1)
         rope = Rope(cfg)(positions, ctx.dtype)  # (b, T, d) each
     for i in range(cfg.num_layers):
         start = time.perf_counter()
-        block = build_block(cfg, ctx.source, i, ctx.dtype, ctx.device)
+        block = build_block(cfg, ctx.source, i, store, ctx.device)
         if i < len(done):
             if need:
-                _replay(block, done[i], ctx.dtype, ctx.device)
-                _run(block, h, rope, batch, out)
-                h, out = out, h
+                if ctx.transform is None:  # the next block saw the quantized block's outputs
+                    _replay(block, done[i], ctx.device)
+                _run(block, h, rope, batch, h)
+            continue
+        if ctx.transform is not None:
+            assert h is not None and rope is not None
+            result = _transform_block(ctx, block, h, rope, batch)
+            _run(block, h, rope, batch, h)  # full-precision outputs feed the next block
+            result.seconds = time.perf_counter() - start
+            del block
+            release_memory()
+            yield result
             continue
         result = BlockResult(i, {})
         for roles in arch.sequential:
@@ -205,24 +252,48 @@ def calibrate(
                 lin = block.linears[role]
                 t0 = time.perf_counter()
                 st = stats.get(role) or LayerStats(lin.in_features)
-                qt, info = ctx.quantize_fn(lin.weight.detach().float(), st, config)
+                qt, info = ctx.quantize_fn(lin.weight.detach(), st, config)  # storage dtype; methods upcast
                 info = {**info, "seconds": time.perf_counter() - t0}
                 if need:  # later groups and the next block see the quantization error
-                    block.linears[role] = DenseLinear(qt.dequantize(ctx.dtype).to(ctx.device), lin.bias)
+                    block.linears[role] = _quantized(qt, lin.bias, ctx.device)
                 else:  # no forward follows: drop the weight now, keeping one linear's worth
                     block.linears[role] = torch.nn.Identity()
                 result.tensors[name], result.info[name] = qt, info
                 if ctx.on_linear is not None:
                     ctx.on_linear(i, name, info)
         if need:
-            _run(block, h, rope, batch, out)
-            h, out = out, h
+            _run(block, h, rope, batch, h)
         result.seconds = time.perf_counter() - start
         del block
         release_memory()
         yield result
     if config.lm_head and len(done) <= cfg.num_layers:
         yield _quantize_head(ctx, h, need, batch)
+
+
+def _transform_block(ctx: CalibrationContext, block: Block, h: Tensor, rope: tuple[Tensor, Tensor],
+                     batch: int) -> BlockResult:
+    """Rewrite the block with the method's transform, then quantize the rewritten weights."""
+    i, arch, config = block.index, ctx.cfg.arch, ctx.config
+    new = ctx.transform(block, h, rope, batch, config, lambda role: arch.linear_name(i, role))  # type: ignore[misc]
+    result = BlockResult(i, {}, dict(new.info))
+    for role, norm in new.norms.items():
+        if not torch.equal(norm, getattr(block, role).data.float()):
+            result.dense[f"{arch.block(i)}.{arch.norms[role]}"] = norm
+    for role, lin in block.linears.items():
+        name = arch.linear_name(i, role)
+        bias = new.biases.get(role)
+        if bias is not None and (lin.bias is None or not torch.equal(bias, lin.bias.float())):
+            result.dense[f"{name}.bias"] = bias
+        if config.is_skipped(name):
+            continue
+        t0 = time.perf_counter()
+        qt, info = ctx.quantize_fn(new.weights[role], LayerStats(lin.in_features), config)
+        info = {**result.info.get(name, {}), **info, "seconds": time.perf_counter() - t0}
+        result.tensors[name], result.info[name] = qt, info
+        if ctx.on_linear is not None:
+            ctx.on_linear(i, name, info)
+    return result
 
 
 def _quantize_head(ctx: CalibrationContext, h: Tensor | None, need: frozenset[str], batch: int) -> BlockResult:
@@ -234,7 +305,7 @@ def _quantize_head(ctx: CalibrationContext, h: Tensor | None, need: frozenset[st
         assert h is not None
         norm = ctx.source.tensor(cfg.arch.final_norm).to(ctx.device, ctx.dtype)
         for s in range(0, h.shape[0], batch):
-            stats.add_batch(rms_norm(h[s : s + batch], norm, cfg.rms_norm_eps), need)
+            stats.add_batch(rms_norm(h[s : s + batch].to(ctx.dtype), norm, cfg.rms_norm_eps), need)
         stats.finish()
     qt, info = ctx.quantize_fn(weight, stats, ctx.config)
     info = {**info, "seconds": time.perf_counter() - start}

@@ -23,11 +23,12 @@ from infq.errors import InfqError
 
 METHODS = ("rtn", "gptq", "awq", "fp8", "kquant")
 # Bit widths each method can produce (a tuple of pairs, not a dict: no module-level mutable state).
-# awq: the AWQ GEMM format is 4-bit only; kquant: Q2_K..Q6_K and Q8_0.
+# awq: any int width (its GEMM format is 4-bit only; 3-bit AWQ is written as GPTQ v2);
+# kquant: Q2_K..Q6_K and Q8_0.
 _VALID_BITS = (
     ("rtn", (2, 3, 4, 8)),
     ("gptq", (2, 3, 4, 8)),
-    ("awq", (4,)),
+    ("awq", (2, 3, 4, 8)),
     ("fp8", (8,)),
     ("kquant", (2, 3, 4, 5, 6, 8)),
 )
@@ -222,13 +223,24 @@ class QuantizedTensor:
     def n_groups(self) -> int:
         return int(self.scales.shape[1])
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Reference decoder -> (out, in). Computed in fp32: (q - z) * fp16 scale is exact there."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """Reference decoder -> (out, in) (or the given rows). Computed in fp32: (q - z) * fp16 scale
+        is exact there. Contiguous groups are broadcast in place: one (rows, in) float buffer."""
         if self.scheme.kind != "int" or self.zeros is None:
             raise NotImplementedError(f"dequantize of kind {self.scheme.kind!r} lives in its format module")
-        g = self.g_idx.long()  # (in,)
-        q = self.codes.to(torch.int32) - self.zeros[:, g]  # (out, in) signed, no uint8 wrap-around
-        return (q.to(torch.float32) * self.scales.to(torch.float32)[:, g]).to(dtype)  # (out, in)
+        rows = rows or slice(None)
+        w = self.codes[rows].to(torch.float32)  # (r, in)
+        zeros = self.zeros[rows].to(torch.float32)  # (r, G)
+        scales = self.scales[rows].to(torch.float32)  # (r, G)
+        r, n = w.shape
+        G = self.n_groups
+        if n and n % G == 0 and torch.equal(self.g_idx, _contiguous_groups(n, G, self.g_idx.device)):
+            wg = w.view(r, G, n // G)
+            wg.sub_(zeros[..., None]).mul_(scales[..., None])
+        else:
+            g = self.g_idx.long()  # (in,) any assignment (act-order)
+            w.sub_(zeros[:, g]).mul_(scales[:, g])
+        return w.to(dtype)
 
     @property
     def bits_per_weight(self) -> float:
@@ -245,3 +257,8 @@ class QuantizedTensor:
         if self.zeros is not None:
             bits += groups * self.scheme.bits
         return (bits + 7) // 8
+
+
+def _contiguous_groups(n: int, groups: int, device: torch.device) -> torch.Tensor:
+    """g_idx of `groups` contiguous groups over n channels: arange(n) // (n / groups)."""
+    return (torch.arange(n, device=device) // (n // groups)).to(torch.int32)

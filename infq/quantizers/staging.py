@@ -23,6 +23,7 @@ from infq.quantizers.calibrate import BlockResult
 from infq.quantizers.scheme import QuantizedTensor, QuantScheme
 
 _PARTS = ("codes", "scales", "zeros", "g_idx")
+_DENSE = "dense:"
 
 
 def fingerprint(hf_config: dict[str, Any], weight_files: list[Path], config: dict[str, Any],
@@ -82,6 +83,8 @@ class Stage:
                 if value is not None:
                     tensors[f"{name}.{part}"] = value.contiguous()
             meta[name] = json.dumps({"scheme": qt.scheme.__dict__, "shape": list(qt.shape)})
+        for name, t in result.dense.items():  # full-precision tensors the method replaced (AWQ norms)
+            tensors[f"{_DENSE}{name}"] = t.contiguous()
         meta["__info__"] = json.dumps(result.info)
         final = self.blocks / f"{result.index:05d}.safetensors"
         tmp = final.with_suffix(".partial")
@@ -96,6 +99,7 @@ class Stage:
             meta = fh.metadata() or {}
         tensors = load_file(str(f))
         result = BlockResult(i, {}, json.loads(meta.pop("__info__", "{}")))
+        result.dense = {k.removeprefix(_DENSE): t for k, t in tensors.items() if k.startswith(_DENSE)}
         for name, desc in sorted(meta.items()):  # safetensors metadata comes back unordered
             d = json.loads(desc)
             result.tensors[name] = QuantizedTensor(

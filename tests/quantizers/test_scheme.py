@@ -25,7 +25,7 @@ def test_defaults_are_valid_and_round_trip() -> None:
     [
         ({"bits": 5}, "bits 5 is not supported by gptq; use 2, 3, 4 or 8"),
         ({"method": "rtn", "bits": 6}, "use 2, 3, 4 or 8"),
-        ({"method": "awq", "bits": 3}, "use 4"),
+        ({"method": "awq", "bits": 5}, "bits 5 is not supported by awq; use 2, 3, 4 or 8"),
         ({"bits": True}, "use 2, 3, 4 or 8"),
         ({"damp_percent": 0}, "use a value in (0, 1)"),
         ({"damp_percent": 1.5}, "use a value in (0, 1)"),
