@@ -49,6 +49,6 @@ def run(
 
 
 def stats_rss() -> int:
-    import resource
+    from infq.eval.throughput import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()

@@ -32,6 +32,7 @@ from infq.quantizers.calibrate import (
     QuantizeFn,
     TransformFn,
     calibrate,
+    release_memory,
 )
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
 from infq.quantizers.staging import Stage, fingerprint
@@ -105,9 +106,9 @@ def default_out(model_path: Path, config: QuantConfig) -> Path:
 
 
 def rss_peak_bytes() -> int:
-    import resource
+    from infq.eval.throughput import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
@@ -141,6 +142,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     if out.exists() and not req.force:
         raise InfqError(f"{out} already exists; pass --force to replace it or choose another --out")
     windows = _windows(req, config, src, cfg) if config.method != "rtn" else None
+    release_memory()  # the tokenizer and the corpus text are gone: hand their pages back
     stage_dir = out.parent / f".{out.name}.partial"
     if req.force and not req.resume and stage_dir.exists():
         shutil.rmtree(stage_dir)

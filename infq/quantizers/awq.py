@@ -158,8 +158,8 @@ def _module_loss(block: Block, pair: ScalePair, x: Tensor, T: int, rope: Rope, b
         w = block.linears[role].weight.float()  # (out, in)
         gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         for s in range(0, x.shape[0], 4096):
-            xc = x[s : s + 4096].double()
-            gram += xc.T @ xc  # (in, in)
+            xc = x[s : s + 4096]
+            gram += (xc.T @ xc).double()  # (in, in): float32 products per chunk, float64 sum
         gram = (gram / (x.shape[0] * w.shape[0])).float()
 
         def linear_loss(weights: dict[str, Tensor]) -> float:

@@ -118,7 +118,7 @@ class CalibrationContext:
     # Storage dtype of block weights and calibration activations between blocks (the model's own
     # half type keeps peak memory near one fp16 block); None: the compute dtype.
     store_dtype: torch.dtype | None = None
-    batch_tokens: int = 2048  # tokens per forward chunk: bounds the MLP/attention transients
+    batch_tokens: int = 1024  # tokens per forward chunk: bounds the MLP/attention transients
     on_linear: Callable[[int, str, dict[str, float]], None] | None = None
     transform: TransformFn | None = None  # block-level rewrite before quantization (AWQ)
 
@@ -261,6 +261,7 @@ def calibrate(
                 result.tensors[name], result.info[name] = qt, info
                 if ctx.on_linear is not None:
                     ctx.on_linear(i, name, info)
+            del stats, st  # the group's Hessian is not needed by later groups
         if need:
             _run(block, h, rope, batch, h)
         result.seconds = time.perf_counter() - start

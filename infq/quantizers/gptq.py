@@ -121,18 +121,23 @@ def _checked_inputs(weight: Tensor, stats: LayerStats) -> Tensor:
             f"Hessian shape {tuple(hessian.shape)} does not match the weight's input dim {n}; "
             "pass the statistics collected for this linear"
         )
-    H = hessian.detach()
-    if H.dtype != torch.float32 or H.device != weight.device or not H.is_contiguous():
-        H = H.to(device=weight.device, dtype=torch.float32).contiguous()
-    if not bool(torch.isfinite(weight).all()):
+    H = hessian  # the same object when usable as is, so the solve can work in its memory
+    if H.dtype != torch.float32 or H.device != weight.device or not H.is_contiguous() or H.requires_grad:
+        H = H.detach().to(device=weight.device, dtype=torch.float32).contiguous()
+    if not _finite(weight):
         raise InfqError("weight contains NaN or inf; fix or skip this module before quantizing")
-    if not bool(torch.isfinite(H).all()):
+    if not _finite(H):
         raise InfqError("Hessian contains NaN or inf; check the calibration data and the model's activations")
     if bool((torch.diagonal(H) < 0).any()):
         raise InfqError(
             "Hessian has negative diagonal entries, so it is not 2/n·Σxxᵀ; recollect the statistics"
         )
     return H
+
+
+def _finite(t: Tensor) -> bool:
+    """isfinite over row blocks: no full-size temporaries for an (in, in) Hessian."""
+    return all(bool(torch.isfinite(t[r : r + PANEL]).all()) for r in range(0, t.shape[0], PANEL))
 
 
 def _fit_groups(W: Tensor, gs: int, scheme: QuantScheme) -> tuple[Tensor, Tensor]:

@@ -150,7 +150,10 @@ class Block(nn.Module):
 
     def mlp(self, x: Tensor) -> Tensor:
         lin = self.linears
-        return lin["down"](F.silu(lin["gate"](x)) * lin["up"](x))
+        if torch.is_grad_enabled():
+            return lin["down"](F.silu(lin["gate"](x)) * lin["up"](x))
+        g = F.silu(lin["gate"](x), inplace=True)  # (…, F) one buffer for the activation and the product
+        return lin["down"](g.mul_(lin["up"](x)))
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         eps = self.cfg.rms_norm_eps
