@@ -235,6 +235,7 @@ def write_shards(
                 partial.append(out / f"model-{len(partial) + 1:05d}.safetensors.partial")
                 writer = SafetensorsWriter(partial[-1], meta)
             writer.add(name, tensor)
+            del tensor  # else it stays alive while the stream produces the next one: two in memory
             shard_of[name] = len(partial) - 1
             total += nbytes
         if writer is None:

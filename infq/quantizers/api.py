@@ -274,8 +274,9 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
         for module, qt in result.tensors.items():
             bias_name = f"{module}.bias"
             bias = result.dense.get(bias_name, ckpt.get(bias_name) if bias_name in ckpt else None)
-            for suffix, t in layout.encode(qt, bias).items():
-                yield f"{module}.{suffix}", t
+            packed = layout.encode(qt, bias)
+            for suffix in list(packed):
+                yield f"{module}.{suffix}", packed.pop(suffix)
             totals["bits"] += 8 * qt.nbytes
             totals["weights"] += qt.shape[0] * qt.shape[1]
             totals["linears"] += 1

@@ -64,7 +64,8 @@ def quantize_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 ) -> torch.Tensor:
     """Integer codes clamp(round(w/scale) + zero, 0, maxq) as float32 (broadcasting)."""
-    return torch.clamp(torch.round(w.to(torch.float32) / scale) + zero, 0, maxq)
+    q = w.to(torch.float32) / scale  # the one new buffer; the rest happens in place
+    return q.round_().add_(zero).clamp_(0, maxq)
 
 
 def fake_quantize(
