@@ -5,19 +5,25 @@ Usage: python bench/peer_gptqmodel.py --peer-python /path/to/peer-venv/bin/pytho
            [--no-infq] [--shared-machine] [--out peer_gptqmodel.json]
 
 GPTQModel lives in its own virtual environment (see ../shared/reference/peers.md: install it with a
-constraint `torch==2.13.0+cpu`; it imports torchvision, stubbed here). For each calibration seed
-this script draws the calibration windows once with infq (demo corpus, 128 x 512 tokens), hands the
-same token ids to both tools (`infq quantize --seed S` draws the identical windows), times each
-quantization in its own process, then scores both checkpoints with `infq eval` (which also shows
-that infq reads GPTQModel's output): GPTQ protocol, 607 windows of 512 tokens. With several seeds
-it reports per-seed perplexities and, per bit width, the mean (and spread) for each tool and the
-mean paired difference infq - GPTQModel. On the first seed only, GPTQModel's own loader and kernels
-also score infq's checkpoint on the first 20 evaluation windows (a cross-load check).
+constraint `torch==2.13.0+cpu`; it imports torchvision, stubbed here; 7.3.6 also imports
+`requests` without declaring it). Setup used (outside the repo):
+    echo 'torch==2.13.0+cpu' > c.txt && python3 -m venv /work/peers/gptqmodel
+    /work/peers/gptqmodel/bin/pip install -c c.txt torch==2.13.0+cpu gptqmodel==7.3.6 requests
+
+For each calibration seed this script draws the calibration windows once with infq (demo corpus,
+128 x 512 tokens), hands the same token ids to both tools (`infq quantize --seed S` draws the
+identical windows), times each quantization in its own process, then scores both checkpoints with
+`infq eval` (which also shows that infq reads GPTQModel's output): GPTQ protocol, 607 windows of
+512 tokens. With several seeds it reports per-seed perplexities and, per bit width, the mean (and
+spread) for each tool and the mean paired difference infq - GPTQModel. On the first seed only,
+GPTQModel's own loader and kernels also score infq's checkpoint on the first 20 evaluation windows
+(a cross-load check).
 
 GPTQModel 7.3.6 defaults that differ from infq at these settings (sym, desc_act False, g128):
-`act_group_aware` (GAR: within-group column reordering by diag(H), groups ordered by their max) is
-on by default for GPTQ, and on CPU the model is loaded in bfloat16 (`auto_dtype`); `--act-group-aware
-off --peer-dtype float32` takes both away, leaving the algorithms comparable column for column.
+`act_group_aware` (GAR: columns reordered within each group by diag(H), groups ordered by their
+max diag(H)) is on by default for GPTQ, and on CPU the model is loaded, calibrated and saved in
+bfloat16 (`auto_dtype`; embeddings, norms and lm_head are written as bf16). `--act-group-aware off
+--peer-dtype float32` takes both away, leaving the algorithms comparable column for column.
 Writes bench/results/peer_gptqmodel.json (or `--out`).
 """
 
@@ -177,7 +183,7 @@ def main() -> None:
             peer = json.loads(out.stdout.strip().splitlines()[-1])
             peer_wall = time.perf_counter() - t0
             peer_eval = infq("eval", cfg["out"], "--ppl", "demo", "--seqlen", args.seqlen)
-            row = {"seed": seed, "bits": bits, "group_size": args.group_size,
+            row = {"seed": seed, "bits": bits, "group_size": args.group_size, "infq_source": infq_source(),
                    "gptqmodel": {"ppl": peer_eval["ppl"], "quantize_s": peer["seconds"],
                                  "process_wall_s": peer_wall, "peak_rss_bytes": peer["peak_rss_bytes"],
                                  "calib_dtype": peer["calib_dtype"], "act_group_aware": peer["act_group_aware"],

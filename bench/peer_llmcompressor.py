@@ -6,7 +6,12 @@ Usage: python bench/peer_llmcompressor.py --peer-python /path/to/llmc-venv/bin/p
 llm-compressor (0.14.0.1, with compressed-tensors 0.19.0) lives in its own virtual environment
 (see ../shared/reference/peers.md: install it with a constraint `torch==2.13.0+cpu`). On a CPU its
 AWQ calls `IntermediatesCache.pin_memory`, which needs an accelerator; the peer code here makes it a
-no-op when CUDA is absent.
+no-op when CUDA is absent. Setup used (outside the repo):
+    echo 'torch==2.13.0+cpu' > c.txt && python3 -m venv /work/peers/llmc
+    /work/peers/llmc/bin/pip install -c c.txt torch==2.13.0+cpu llmcompressor==0.14.0.1 compressed-tensors==0.19.0
+Cost on the 2-core CPU: GPTQ ~40 s per run in float32 (the fp16 checkpoint dtype, `--dtype auto`,
+is ~4x slower on CPU), AWQ ~10-30 min per run (its scale grid search re-runs each attention / MLP
+20 times over all 128 windows), each peer scoring pass (607 windows) 1-4 min.
 
 What it does:
   * draws the calibration windows once with infq (demo corpus, 128 x 512 tokens, `--seed`) and
@@ -20,7 +25,8 @@ What it does:
   * GPTQ: llm-compressor GPTQModifier (int, sym, group 128, actorder None, dampening_frac 0.01,
     block 128) vs `infq quantize --method gptq`, scored by `infq eval`;
   * AWQ: llm-compressor AWQModifier + QuantizationModifier (int, asym, group 128: W4A16_ASYM and
-    its 3-bit analogue) vs `infq quantize --method awq --asym` when infq has it (else a note);
+    its 3-bit analogue) vs `infq quantize --method awq --asym` (3-bit: `--format gptq`, as the
+    AWQ GEMM layout is 4-bit only) when infq has it (else the error is recorded as a note);
   * each quantization runs in its own process (time and peak RSS are its own);
   * optionally (`--cross-limit N`, default 20) also asks `infq eval` to read each llm-compressor
     output on the first N windows, next to the peer scorer's figure on the same windows.
@@ -199,7 +205,7 @@ def main() -> None:
         sym = method == "gptq"  # llm-compressor's presets: W4A16 (sym) for GPTQ, W4A16_ASYM for AWQ
         for bits in args.bits:
             row: dict[str, Any] = {"method": method, "bits": bits, "group_size": args.group_size,
-                                   "sym": sym}
+                                   "sym": sym, "infq_source": infq_source()}
             out = work / f"llmc-{method}-w{bits}"
             cfg = {"op": "quantize", "method": method, "model": str(model), "bits": bits,
                    "group_size": args.group_size, "sym": sym, "damp": args.damp, "dtype": args.dtype,
@@ -228,6 +234,8 @@ def main() -> None:
                      "--seqlen", args.seqlen, "--seed", args.seed, "--out", ours_out, "--force"]
             if method == "gptq":
                 qargs += ["--damp", args.damp]
+            elif bits != 4:  # infq's AWQ GEMM layout is 4-bit only; other widths go out as GPTQ
+                qargs += ["--format", "gptq"]
             ours = try_infq(*qargs)
             if "error" in ours:
                 row["infq"] = {"error": ours["error"],
