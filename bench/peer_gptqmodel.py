@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import infq, write
+from common import RESULTS, infq, write
 
 PEER = r"""
 import json, sys, time, types, os
@@ -152,6 +152,9 @@ def main() -> None:
     p.add_argument("--shared-machine", action="store_true",
                    help="note in the JSON that other jobs loaded the CPU during the timings")
     p.add_argument("--out", default="peer_gptqmodel.json", help="file name under bench/results")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished (seed, bits) rows of an earlier run with the same settings"
+                        " (the JSON is rewritten after every row)")
     args = p.parse_args()
 
     import os
@@ -162,7 +165,19 @@ def main() -> None:
     model = demo_model_path()
     tok = load_tokenizer(model)
     work = Path(tempfile.mkdtemp(prefix="infq-peer-"))
-    fp = infq("eval", "demo", "--ppl", "demo", "--seqlen", args.seqlen)
+    calibration = {"dataset": "demo", "nsamples": args.nsamples, "seqlen": args.seqlen}
+    peer_settings = {"sym": True, "desc_act": False, "group_size": args.group_size, "damp_percent": args.damp,
+                     "act_group_aware": args.act_group_aware, "dtype": args.peer_dtype}
+    done: dict[tuple[int, int], dict] = {}
+    previous = json.loads((RESULTS / args.out).read_text()) if (RESULTS / args.out).exists() else None
+    if (args.resume and previous and previous.get("peer_settings") == peer_settings
+            and {k: v for k, v in previous.get("calibration", {}).items() if k != "seeds"} == calibration
+            and previous.get("with_infq") == (not args.no_infq)):
+        fp = {"ppl": previous["fp_ppl"], "windows": previous["eval"]["windows"]}
+        done = {(r["seed"], r["bits"]): r for r in previous["rows"]}
+        print(f"resuming: {len(done)} finished rows kept from {RESULTS / args.out}", flush=True)
+    else:
+        fp = infq("eval", "demo", "--ppl", "demo", "--seqlen", args.seqlen)
     cross_windows = args.cross_windows  # GPTQModel's CPU kernels are slow: score a prefix only
     tokens = eval_tokens(tok, "demo")[: cross_windows * args.seqlen]
     (work / "tokens.json").write_text(json.dumps(tokens.tolist()))
@@ -173,6 +188,9 @@ def main() -> None:
         wfile = work / f"windows-{seed}.json"
         wfile.write_text(json.dumps(windows.tolist()))
         for bits in args.bits:
+            if (seed, bits) in done:
+                rows.append(done[(seed, bits)])
+                continue
             cfg = {"model": str(model), "bits": bits, "group_size": args.group_size, "damp": args.damp,
                    "windows": str(wfile), "out": str(work / f"gptqmodel-s{seed}-w{bits}"),
                    "act_group_aware": gar, "dtype": args.peer_dtype}
@@ -210,29 +228,40 @@ def main() -> None:
                                          "error": peer_on_ours.get("error")}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(args, rows, fp, calibration, peer_settings, complete=False)  # see --resume
 
+    path = save(args, rows, fp, calibration, peer_settings, complete=True)
+    for entry in json.loads(path.read_text())["summary"]:
+        print(json.dumps(entry), flush=True)
+    print(f"wrote {path}")
+
+
+def save(args: argparse.Namespace, rows: list[dict], fp: dict, calibration: dict, peer_settings: dict,
+         complete: bool) -> Path:
+    """Write the results so far, with per-bit-width means over the seeds finished."""
     summary = []
     for bits in args.bits:
         mine = [r for r in rows if r["bits"] == bits]
+        if not mine:
+            continue
         entry = {"bits": bits, "seeds": [r["seed"] for r in mine],
                  "gptqmodel_ppl": _stats([r["gptqmodel"]["ppl"] for r in mine])}
         if not args.no_infq:
             entry["infq_ppl"] = _stats([r["infq"]["ppl"] for r in mine])
             entry["infq_minus_gptqmodel"] = _stats([r["infq"]["ppl"] - r["gptqmodel"]["ppl"] for r in mine])
         summary.append(entry)
-        print(json.dumps(entry), flush=True)
-    path = write(args.out, {
+    return write(args.out, {
+        "complete": complete,
         "infq_source": infq_source(),
         "fp_ppl": fp["ppl"], "eval": {"dataset": "demo", "protocol": "gptq", "seqlen": args.seqlen, "windows": fp["windows"]},
-        "calibration": {"dataset": "demo", "nsamples": args.nsamples, "seqlen": args.seqlen, "seeds": args.seeds},
+        "calibration": {**calibration, "seeds": sorted({r["seed"] for r in rows})},
         "peer": "GPTQModel 7.3.6",
-        "peer_settings": {"sym": True, "desc_act": False, "damp_percent": args.damp,
-                          "act_group_aware": args.act_group_aware, "dtype": args.peer_dtype},
+        "peer_settings": peer_settings,
+        "with_infq": not args.no_infq,
         "timing_note": ("taken on a shared 2-core machine (other jobs running): times are inflated"
                         " and noisy" if args.shared_machine else "machine not known to be shared"),
         "summary": summary, "rows": rows,
     })
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

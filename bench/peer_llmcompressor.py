@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import infq, write
+from common import RESULTS, infq, write
 
 # Runs in the peer venv. argv[1] is a JSON config; the last stdout line is a JSON result.
 PEER = r"""
@@ -157,6 +157,55 @@ def try_infq(*args: Any) -> dict[str, Any]:
         return {"error": str(exc)[-800:]}
 
 
+def run_row(args: argparse.Namespace, method: str, bits: int, sym: bool, model: Path, work: Path,
+            score: dict[str, Any]) -> dict[str, Any]:
+    """One (method, bits): llm-compressor quantize + score, then infq quantize + eval."""
+    row: dict[str, Any] = {"method": method, "bits": bits, "group_size": args.group_size,
+                           "sym": sym, "infq_source": infq_source()}
+    out = work / f"llmc-{method}-w{bits}"
+    cfg = {"op": "quantize", "method": method, "model": str(model), "bits": bits,
+           "group_size": args.group_size, "sym": sym, "damp": args.damp, "dtype": args.dtype,
+           "windows": str(work / "windows.json"), "out": str(out)}
+    try:
+        q = peer(args.peer_python, cfg)
+        s = peer(args.peer_python, {**score, "load": str(out), "compressed": True})
+        row["llmcompressor"] = {
+            "ppl": s["ppl"], "quantize_s": q["seconds"], "process_wall_s": q["wall_s"],
+            "peak_rss_bytes": q["peak_rss_bytes"], "calib_dtype": q["calib_dtype"],
+            "format": q["format"], "file_bytes": q["file_bytes"], "recipe": q["recipe"],
+            "weights": q["weights"], "loadavg_after": os.getloadavg(),
+            "scored_by": "transformers fp32 forward (peer venv)",
+        }
+        if args.cross_limit:
+            cross = try_infq("eval", out, "--ppl", "demo", "--seqlen", args.seqlen,
+                             "--limit", args.cross_limit)
+            row["cross_load"] = {"windows": args.cross_limit, "peer_scorer_ppl": s["prefix_ppl"],
+                                 "infq_reading_peer_checkpoint_ppl": cross.get("ppl"),
+                                 "error": cross.get("error")}
+    except RuntimeError as exc:  # e.g. a bit width the peer refuses
+        row["llmcompressor"] = {"error": str(exc)[-1500:]}
+    ours_out = work / f"infq-{method}-w{bits}"
+    qargs = ["quantize", "--method", method, "--bits", bits, "--group-size", args.group_size,
+             "--sym" if sym else "--asym", "--dataset", "demo", "--nsamples", args.nsamples,
+             "--seqlen", args.seqlen, "--seed", args.seed, "--out", ours_out, "--force"]
+    if method == "gptq":
+        qargs += ["--damp", args.damp]
+    elif bits != 4:  # infq's AWQ GEMM layout is 4-bit only; other widths go out as GPTQ
+        qargs += ["--format", "gptq"]
+    ours = try_infq(*qargs)
+    if "error" in ours:
+        row["infq"] = {"error": ours["error"],
+                       "note": f"infq quantize --method {method} --bits {bits} did not run"}
+    else:
+        ev = try_infq("eval", ours_out, "--ppl", "demo", "--seqlen", args.seqlen)
+        row["infq"] = {"ppl": ev.get("ppl"), "eval_error": ev.get("error"),
+                       "quantize_s": ours["seconds"], "process_wall_s": ours["wall_s"],
+                       "peak_rss_bytes": ours.get("peak_rss_bytes"), "format": ours.get("format"),
+                       "file_bytes": ours.get("bytes_after"), "loadavg_after": os.getloadavg(),
+                       "scored_by": "infq eval (fp32 on CPU)"}
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog=__doc__.split("\n", 2)[2],
@@ -178,6 +227,9 @@ def main() -> None:
                    help="note in the JSON that other jobs loaded the CPU during the timings")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")
     p.add_argument("--out", default="peer_llmcompressor.json", help="file name under bench/results")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished rows of an earlier run with the same settings (the JSON"
+                        " is rewritten after every row)")
     args = p.parse_args()
 
     from infq.eval.datasets import calibration_windows, eval_tokens
@@ -194,73 +246,49 @@ def main() -> None:
     score = {"op": "score", "tokens": str(work / "tokens.json"), "seqlen": args.seqlen,
              "prefix": args.cross_limit or None}
 
-    fp = infq("eval", "demo", "--ppl", "demo", "--seqlen", args.seqlen)
-    fp_peer = peer(args.peer_python, {**score, "load": str(model)})
+    calibration = {"dataset": "demo", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                   "seed": args.seed, "peer_calib_dtype": args.dtype, "group_size": args.group_size,
+                   "damp": args.damp}
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    previous = json.loads((RESULTS / args.out).read_text()) if (RESULTS / args.out).exists() else None
+    if args.resume and previous and previous.get("calibration") == calibration:
+        fp = {"ppl": previous["fp_ppl"], "windows": previous["eval"]["windows"]}
+        fp_peer = {"ppl": previous["fp_ppl_peer_scorer"]}
+        done = {(r["method"], r["bits"]): r for r in previous["rows"]
+                if r["infq"].get("ppl") is not None
+                and ("ppl" in r["llmcompressor"] or "error" in r["llmcompressor"])}
+        print(f"resuming: {len(done)} finished rows kept from {RESULTS / args.out}", flush=True)
+    else:
+        fp = infq("eval", "demo", "--ppl", "demo", "--seqlen", args.seqlen)
+        fp_peer = peer(args.peer_python, {**score, "load": str(model)})
     print(json.dumps({"fp_infq": fp["ppl"], "fp_peer_scorer": fp_peer["ppl"]}), flush=True)
     if abs(fp_peer["ppl"] - fp["ppl"]) > 0.01:
         raise SystemExit(f"peer scorer disagrees with infq on the fp16 model: {fp_peer['ppl']} vs {fp['ppl']}")
 
-    rows = []
+    def save(rows: list[dict[str, Any]], complete: bool) -> Path:
+        return write(args.out, {
+            "complete": complete,
+            "infq_source": infq_source(),
+            "fp_ppl": fp["ppl"], "fp_ppl_peer_scorer": fp_peer["ppl"],
+            "eval": {"dataset": "demo", "protocol": "gptq", "seqlen": args.seqlen, "windows": fp["windows"]},
+            "calibration": calibration,
+            "peer": "llm-compressor 0.14.0.1 + compressed-tensors 0.19.0",
+            "timing_note": ("taken on a shared 2-core machine (other jobs running): times are inflated"
+                            " and noisy" if args.shared_machine else "machine not known to be shared"),
+            "rows": rows,
+        })
+
+    rows: list[dict[str, Any]] = []
     for method in args.methods:
         sym = method == "gptq"  # llm-compressor's presets: W4A16 (sym) for GPTQ, W4A16_ASYM for AWQ
         for bits in args.bits:
-            row: dict[str, Any] = {"method": method, "bits": bits, "group_size": args.group_size,
-                                   "sym": sym, "infq_source": infq_source()}
-            out = work / f"llmc-{method}-w{bits}"
-            cfg = {"op": "quantize", "method": method, "model": str(model), "bits": bits,
-                   "group_size": args.group_size, "sym": sym, "damp": args.damp, "dtype": args.dtype,
-                   "windows": str(work / "windows.json"), "out": str(out)}
-            try:
-                q = peer(args.peer_python, cfg)
-                s = peer(args.peer_python, {**score, "load": str(out), "compressed": True})
-                row["llmcompressor"] = {
-                    "ppl": s["ppl"], "quantize_s": q["seconds"], "process_wall_s": q["wall_s"],
-                    "peak_rss_bytes": q["peak_rss_bytes"], "calib_dtype": q["calib_dtype"],
-                    "format": q["format"], "file_bytes": q["file_bytes"], "recipe": q["recipe"],
-                    "weights": q["weights"], "loadavg_after": os.getloadavg(),
-                    "scored_by": "transformers fp32 forward (peer venv)",
-                }
-                if args.cross_limit:
-                    cross = try_infq("eval", out, "--ppl", "demo", "--seqlen", args.seqlen,
-                                     "--limit", args.cross_limit)
-                    row["cross_load"] = {"windows": args.cross_limit, "peer_scorer_ppl": s["prefix_ppl"],
-                                         "infq_reading_peer_checkpoint_ppl": cross.get("ppl"),
-                                         "error": cross.get("error")}
-            except RuntimeError as exc:  # e.g. a bit width the peer refuses
-                row["llmcompressor"] = {"error": str(exc)[-1500:]}
-            ours_out = work / f"infq-{method}-w{bits}"
-            qargs = ["quantize", "--method", method, "--bits", bits, "--group-size", args.group_size,
-                     "--sym" if sym else "--asym", "--dataset", "demo", "--nsamples", args.nsamples,
-                     "--seqlen", args.seqlen, "--seed", args.seed, "--out", ours_out, "--force"]
-            if method == "gptq":
-                qargs += ["--damp", args.damp]
-            elif bits != 4:  # infq's AWQ GEMM layout is 4-bit only; other widths go out as GPTQ
-                qargs += ["--format", "gptq"]
-            ours = try_infq(*qargs)
-            if "error" in ours:
-                row["infq"] = {"error": ours["error"],
-                               "note": f"infq quantize --method {method} --bits {bits} did not run"}
-            else:
-                ev = try_infq("eval", ours_out, "--ppl", "demo", "--seqlen", args.seqlen)
-                row["infq"] = {"ppl": ev.get("ppl"), "eval_error": ev.get("error"),
-                               "quantize_s": ours["seconds"], "process_wall_s": ours["wall_s"],
-                               "peak_rss_bytes": ours.get("peak_rss_bytes"), "format": ours.get("format"),
-                               "file_bytes": ours.get("bytes_after"), "loadavg_after": os.getloadavg(),
-                               "scored_by": "infq eval (fp32 on CPU)"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-
-    path = write(args.out, {
-        "infq_source": infq_source(),
-        "fp_ppl": fp["ppl"], "fp_ppl_peer_scorer": fp_peer["ppl"],
-        "eval": {"dataset": "demo", "protocol": "gptq", "seqlen": args.seqlen, "windows": fp["windows"]},
-        "calibration": {"dataset": "demo", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "seed": args.seed, "peer_calib_dtype": args.dtype},
-        "peer": "llm-compressor 0.14.0.1 + compressed-tensors 0.19.0",
-        "timing_note": ("taken on a shared 2-core machine (other jobs running): times are inflated"
-                        " and noisy" if args.shared_machine else "machine not known to be shared"),
-        "rows": rows,
-    })
+            if (method, bits) in done:
+                rows.append(done[(method, bits)])
+                continue
+            rows.append(run_row(args, method, bits, sym, model, work, score))
+            print(json.dumps(rows[-1]), flush=True)
+            save(rows, complete=False)  # a killed run keeps its finished rows (see --resume)
+    path = save(rows, complete=True)
     print(f"wrote {path}")
 
 
