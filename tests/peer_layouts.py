@@ -3,7 +3,8 @@
 The oracle for infq's AWQ and compressed-tensors readers: AutoAWQ GEMM tensors (reference §A.2:
 nibble order [0,2,4,6,1,3,5,7] along the output dim, raw zeros) and llm-compressor pack-quantized
 tensors (§A.3.5: signed codes + 2^(b-1), LSB-first along the input dim, zero points packed along
-the output dim), each word assembled with Python ints, never with infq's packers. Every builder
+the output dim), each word assembled with Python ints, never with infq's packers; FP8 linears
+(§A.3.2 / §A.3.4) from e4m3 bytes decoded by their bit fields in Python. Every builder
 also returns the weights the tensors encode, computed from the integers and the scales' exact values.
 """
 
@@ -137,3 +138,65 @@ def build_checkpoint(src: Path, out: Path, linear: Callable[[int, int], tuple[di
         if f.name.startswith("tokenizer") or f.name == "generation_config.json":
             shutil.copy(f, out / f.name)
     return expected
+
+
+def e4m3_value(byte: int) -> float:
+    """The value of one float8_e4m3fn byte from its bits (§A.3.1): bias 7, no inf, NaN = S.1111.111."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exp, man = (byte >> 3) & 0xF, byte & 0x7
+    if exp == 15 and man == 7:
+        return float("nan")
+    if exp == 0:
+        return sign * man / 8 * 2.0**-6  # subnormal
+    return sign * (1 + man / 8) * 2.0 ** (exp - 7)
+
+
+def fp8_linear(out: int, inp: int, strategy: str, static: bool, rng: random.Random, *,
+               scale_dtype: torch.dtype = torch.bfloat16, layout: str = "compressed-tensors"):
+    """An FP8 linear as llm-compressor (float-quantized: scales in the model dtype, [1] or [out, 1],
+    input_scale [1]) or AutoFP8 (layout "fp8": F32 scalars) writes it, from random e4m3 bytes;
+    returns (tensors, weight (out, in), input_scale as a float or None)."""
+    codes = [[rng.choice([b for b in range(256) if b not in (0x7F, 0xFF)]) for _ in range(inp)] for _ in range(out)]
+    codes[0][0], codes[-1][-1] = 0x7E, 0xFE  # +448 and -448
+    rows = 1 if strategy == "tensor" else out
+    scales = _scales(rows, 1, scale_dtype, rng)  # [rows][1]
+    act = _scales(1, 1, scale_dtype, rng)[0][0] if static else None
+    weight_u8 = torch.tensor(codes, dtype=torch.uint8)
+    tensors = {"weight": weight_u8.view(torch.float8_e4m3fn)}
+    if layout == "fp8":
+        tensors["weight_scale"] = torch.tensor(scales[0][0], dtype=torch.float32)  # shape []
+        if static:
+            tensors["input_scale"] = torch.tensor(act, dtype=torch.float32)
+    else:
+        shape = [1] if strategy == "tensor" else [out, 1]
+        tensors["weight_scale"] = torch.tensor(scales, dtype=scale_dtype).reshape(shape)
+        if static:
+            tensors["input_scale"] = torch.tensor([act], dtype=scale_dtype)
+    weight = [[e4m3_value(codes[o][i]) * scales[o if rows > 1 else 0][0] for i in range(inp)] for o in range(out)]
+    return tensors, torch.tensor(weight, dtype=torch.float32), act
+
+
+def llmcompressor_fp8_config(strategy: str, act: str) -> dict:
+    """llm-compressor's FP8 (tensor, static) / FP8_DYNAMIC (channel, token dynamic) / weight-only
+    configs as compressed-tensors 0.19 serialises them (scale_dtype / zp_dtype keys included)."""
+    base = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None,
+            "actorder": None, "scale_dtype": None, "zp_dtype": None, "observer_kwargs": {}}
+    weights = {**base, "strategy": strategy, "dynamic": False, "observer": "minmax"}
+    acts = None
+    if act == "static":
+        acts = {**base, "strategy": "tensor", "dynamic": False, "observer": "static_minmax"}
+    elif act == "dynamic":
+        acts = {**base, "strategy": "token", "dynamic": True, "observer": None}
+    fmt = "naive-quantized" if acts is None else "float-quantized"
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": acts, "output_activations": None,
+             "format": fmt}
+    return {"config_groups": {"group_0": group}, "format": fmt, "global_compression_ratio": None,
+            "ignore": ["lm_head"], "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+            "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
+            "version": "0.12.2"}
+
+
+def autofp8_config(static: bool) -> dict:
+    """What AutoFP8's save_quantized writes (§A.3.2)."""
+    return {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic",
+            "ignored_layers": ["lm_head"]}

@@ -35,7 +35,7 @@ METHOD_STATS: dict[str, frozenset[str]] = {
     "rtn": frozenset(),
     "gptq": frozenset({"hessian"}),
     "awq": frozenset({"absmean"}),
-    "fp8": frozenset({"amax"}),
+    "fp8": frozenset({"amax", "token_amax"}),
     "kquant": frozenset({"sqmean"}),
 }
 
@@ -50,6 +50,7 @@ class LayerStats:
     absmean: Tensor | None = None  # (in,) mean |x|, AWQ's s_x
     sqmean: Tensor | None = None  # (in,) mean x^2, the importance matrix
     amax: Tensor | None = None  # () max |x|, FP8 static input scale
+    token_amax: Tensor | None = None  # (tokens,) max |x| of every token, for a percentile amax (FP8)
 
     def add_batch(self, x: Tensor, need: frozenset[str]) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
@@ -65,9 +66,12 @@ class LayerStats:
         if "sqmean" in need:
             s = x.pow(2).sum(0).double()
             self.sqmean = s if self.sqmean is None else self.sqmean + s
-        if "amax" in need:
-            m = x.abs().max()
+        if "amax" in need or "token_amax" in need:
+            t = x.abs().amax(-1)  # (n,)
+            m = t.max() if n else torch.zeros((), device=x.device)
             self.amax = m if self.amax is None else torch.maximum(self.amax, m)
+            if "token_amax" in need:
+                self.token_amax = t if self.token_amax is None else torch.cat([self.token_amax, t])
         self.tokens = total
 
     def finish(self) -> LayerStats:

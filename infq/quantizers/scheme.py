@@ -6,8 +6,10 @@ to values. `QuantizedTensor` is the one canonical in-memory form of a quantized 
 codes (uint8, `(out, in)`), fp16 scales and int32 zero points per `(row, group)`, and `g_idx`
 (int32, `(in,)`) naming the group of every input channel; `dequantize()` is the reference decoder
 `(codes - zeros[:, g_idx]) * scales[:, g_idx]`. Formats pack it, kernels repack it; nothing here
-knows about files or devices. Limits: only kind "int" is decoded here (fp8 / gguf kinds are
-described by the scheme but decoded by their own modules).
+knows about files or devices. Kind "fp8" holds float8_e4m3fn codes with one scale per output row
+(`(out, 1)`, all equal for a per-tensor scale) and an optional calibrated `input_scale`; its
+decoder `codes * scales` is here too. Limits: gguf kinds are described by the scheme but decoded by
+their own module.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _VALID_BITS = (
     ("kquant", (2, 3, 4, 5, 6, 8)),
 )
 INT_METHODS = ("rtn", "gptq", "awq")
+FP8_WEIGHT_SCALES = ("tensor", "channel")  # one e4m3 weight scale per tensor or per output row
+FP8_ACT_SCHEMES = ("static", "dynamic", "none")  # calibrated per-tensor, per token at run time, weight-only
 
 
 def valid_bits(method: str) -> tuple[int, ...]:
@@ -40,7 +44,7 @@ def valid_bits(method: str) -> tuple[int, ...]:
     return next((b for m, b in _VALID_BITS if m == method), ())
 
 
-def _words(values: tuple[int, ...]) -> str:
+def _words(values: tuple[object, ...]) -> str:
     """(2, 3, 4) -> '2, 3 or 4'."""
     text = [str(v) for v in values]
     return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
@@ -80,6 +84,9 @@ class QuantConfig:
     seqlen: int = 2048  # tokens per calibration sequence
     skip: tuple[str, ...] = ()  # regexes (re.match on module names) left unquantized
     lm_head: bool = False  # quantize lm_head too; otherwise it is always skipped
+    weight_scale: str = "channel"  # fp8: see FP8_WEIGHT_SCALES
+    act_scheme: str = "dynamic"  # fp8: see FP8_ACT_SCHEMES
+    act_percentile: float = 100.0  # fp8 static: percentile of the per-token max |x| taken as the amax
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -117,6 +124,22 @@ class QuantConfig:
                 re.compile(pattern)
             except (re.error, TypeError) as exc:
                 raise InfqError(f"skip pattern {pattern!r} is not a valid regex ({exc}); fix it") from exc
+        self._check_fp8()
+
+    def _check_fp8(self) -> None:
+        if self.weight_scale not in FP8_WEIGHT_SCALES:
+            raise InfqError(f"weight_scale {self.weight_scale!r} is unknown; use {_words(FP8_WEIGHT_SCALES)}")
+        if self.act_scheme not in FP8_ACT_SCHEMES:
+            raise InfqError(f"act_scheme {self.act_scheme!r} is unknown; use {_words(FP8_ACT_SCHEMES)}")
+        p = self.act_percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
+            raise InfqError(f"act_percentile {p} is out of range; use a value in (0, 100] such as 99.99")
+        if p != 100 and self.act_scheme != "static":
+            raise InfqError(f"act_percentile applies to calibrated (static) input scales, not act_scheme "
+                            f"{self.act_scheme!r}; use act_scheme static or drop the percentile")
+        if self.method == "fp8" and (self.group_size != -1 or not self.sym):
+            raise InfqError("fp8 scales are symmetric and per tensor or per channel, never per group; "
+                            "use group_size -1, sym and weight_scale tensor|channel")
 
     def is_skipped(self, module_name: str) -> bool:
         """True if `module_name` stays unquantized: lm_head (unless lm_head=True) or a skip match."""
@@ -153,7 +176,7 @@ class QuantScheme:
     bits: int
     group_size: int  # -1 = one group spanning the whole input dim
     sym: bool = True
-    kind: str = "int"  # later: "fp8", "gguf:<type>"
+    kind: str = "int"  # "int", "fp8" (e4m3 codes, w = code * scale) or later "gguf:<type>"
 
     def __post_init__(self) -> None:
         if not (self.kind in ("int", "fp8") or self.kind.startswith("gguf:")):
@@ -179,13 +202,15 @@ class QuantScheme:
 class QuantizedTensor:
     """A quantized linear weight of logical shape (out, in), unpacked.
 
-    codes  uint8  (out, in)        integer codes in [0, 2^bits)
+    codes  uint8  (out, in)        integer codes in [0, 2^bits) (kind "fp8": float8_e4m3fn)
     scales float  (out, G)         per-group scale; infq's quantizers store float16
     zeros  int32  (out, G) | None  integer zero points in [0, 2^bits] (2^bits only when read
                                    from a v1 checkpoint); always present for kind "int" (sym
                                    stores 2^(bits-1), as GPTQ does)
     g_idx  int32  (in,)            group of each input channel: arange(in) // group_size, or a
                                    permuted assignment for act-order
+    input_scale float32 () | None  kind "fp8" with static activations: the calibrated per-tensor
+                                   activation scale (x ~ x8 * input_scale)
     """
 
     codes: torch.Tensor
@@ -194,6 +219,7 @@ class QuantizedTensor:
     g_idx: torch.Tensor
     scheme: QuantScheme
     shape: tuple[int, int]
+    input_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         out, inp = self.shape
@@ -205,6 +231,8 @@ class QuantizedTensor:
             raise ValueError(f"scales must be floating point, got {self.scales.dtype}")
         if tuple(self.g_idx.shape) != (inp,) or self.g_idx.dtype != torch.int32:
             raise ValueError(f"g_idx must be int32 ({inp},), got {self.g_idx.dtype} {tuple(self.g_idx.shape)}")
+        if self.scheme.kind == "fp8":
+            self._check_fp8()
         if self.scheme.kind != "int":
             return
         n_groups = self.scales.shape[1]
@@ -219,13 +247,26 @@ class QuantizedTensor:
         if inp and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= n_groups):
             raise ValueError(f"g_idx values must lie in [0, {n_groups})")
 
+    def _check_fp8(self) -> None:
+        if self.codes.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"fp8 codes must be float8_e4m3fn, got {self.codes.dtype}")
+        if self.scales.shape[1] != 1 or self.zeros is not None:
+            raise ValueError("fp8 has one scale per row, (out, 1), and no zero points")
+        if self.input_scale is not None and self.input_scale.numel() != 1:
+            raise ValueError(f"input_scale must hold one value, got shape {tuple(self.input_scale.shape)}")
+
     @property
     def n_groups(self) -> int:
         return int(self.scales.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """Reference decoder -> (out, in) (or the given rows). Computed in fp32: (q - z) * fp16 scale
-        is exact there. Contiguous groups are broadcast in place: one (rows, in) float buffer."""
+        is exact there. Contiguous groups are broadcast in place: one (rows, in) float buffer.
+        fp8: code * scale in fp32, exact for half-precision scales (4 times 11 significant bits)."""
+        if self.scheme.kind == "fp8":
+            rows = rows or slice(None)
+            w = self.codes[rows].to(torch.float32)  # (r, in)
+            return w.mul_(self.scales[rows].to(torch.float32)).to(dtype)
         if self.scheme.kind != "int" or self.zeros is None:
             raise NotImplementedError(f"dequantize of kind {self.scheme.kind!r} lives in its format module")
         rows = rows or slice(None)
@@ -252,6 +293,8 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes of the packed form: codes and zeros at `bits` each, scales as fp16; g_idx excluded."""
         out, inp = self.shape
+        if self.scheme.kind == "fp8":  # codes + scales as stored (a per-tensor scale is counted per row)
+            return out * inp + self.scales.numel() * self.scales.element_size()
         groups = out * self.n_groups
         bits = out * inp * self.scheme.bits + groups * 16
         if self.zeros is not None:

@@ -22,7 +22,7 @@ from infq.errors import InfqError
 from infq.quantizers.calibrate import BlockResult
 from infq.quantizers.scheme import QuantizedTensor, QuantScheme
 
-_PARTS = ("codes", "scales", "zeros", "g_idx")
+_PARTS = ("codes", "scales", "zeros", "g_idx", "input_scale")
 _DENSE = "dense:"
 
 
