@@ -8,8 +8,10 @@ scales are exact in); `weight_zero_point` int32 `(ceil(out/(32/b)), G)`, only wh
 packed the same way along the OUTPUT dim (dim 0); `weight_shape` int32 `[out, in]`; `weight_g_idx`
 int32 `(in,)` only with actorder "group". Codes map as: CT signed code = code - 2^(b-1), CT zero
 point = zero - 2^(b-1) (0, and not stored, when symmetric). Bits 4 and 8 only (what vLLM's
-pack-quantized reader takes). Float weights and quantized activations (FP8, W8A8) belong to
-another reader and are refused here. numpy / safetensors / torch tensors only, no torch.nn.
+pack-quantized reader takes). The config schema of FP8 checkpoints (`float-quantized` for W8A8 FP8
+and FP8_DYNAMIC, `naive-quantized` for FP8 weight-only, as llm-compressor names them) is written
+and parsed here too; their tensors are in fp8.py. Integer W8A8 is refused. numpy / safetensors /
+torch tensors only, no torch.nn.
 """
 
 from __future__ import annotations
@@ -210,20 +212,41 @@ def ct_weight_args(config: QuantConfig) -> dict[str, Any]:
     }
 
 
+def ct_fp8_args(config: QuantConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(weights, input_activations) QuantizationArgs of an FP8 config group, as llm-compressor's FP8
+    (tensor weights, static tensor activations) and FP8_DYNAMIC (channel weights, dynamic per-token
+    activations) presets write them; act_scheme "none" has no input_activations."""
+    base = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None,
+            "actorder": None, "observer_kwargs": {}}
+    weights = {**base, "strategy": config.weight_scale, "dynamic": False, "observer": "minmax"}
+    if config.act_scheme == "none":
+        return weights, None
+    static = config.act_scheme == "static"  # the running max over the data: llm-compressor's static_minmax
+    acts = {**base, "strategy": "tensor" if static else "token", "dynamic": not static,
+            "observer": "static_minmax" if static else None}
+    return weights, acts
+
+
 def ct_quantization_config(config: QuantConfig) -> dict[str, Any]:
     """config.json's `quantization_config` for a pack-quantized checkpoint (§A.3.3), as llm-compressor
-    writes W4A16 / W4A16_ASYM / W8A16. `ignore` lists lm_head (unless quantized) and every skip
-    regex as "re:<pattern>" (matched with re.match by compressed-tensors and vLLM, as infq does)."""
+    writes W4A16 / W4A16_ASYM / W8A16, or for FP8 (float-quantized; naive-quantized when weight-only).
+    `ignore` lists lm_head (unless quantized) and every skip regex as "re:<pattern>" (matched with
+    re.match by compressed-tensors and vLLM, as infq does)."""
     ignore = ([] if config.lm_head else ["lm_head"]) + [f"re:{p}" for p in config.skip]
+    if config.method == "fp8":
+        weights, acts = ct_fp8_args(config)
+        fmt = "naive-quantized" if acts is None else "float-quantized"
+    else:
+        weights, acts, fmt = ct_weight_args(config), None, "pack-quantized"
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": ct_weight_args(config),
-                "input_activations": None,
+                "weights": weights,
+                "input_activations": acts,
                 "output_activations": None,
             },
         },
@@ -238,8 +261,8 @@ def _weights_key(name: str, group: Mapping[str, Any], fmt: str) -> tuple[int, bo
     w = group.get("weights") or {}
     kind = str(w.get("type") or "int").lower()
     if kind != "int":
-        raise InfqError(f"config group {name} quantizes weights to {kind} (FP8 / FP4); reading float-quantized "
-                        "compressed-tensors checkpoints is not available in this version of infq")
+        raise InfqError(f"config group {name} quantizes weights to {kind} and another group to int; infq reads "
+                        "one weight scheme per checkpoint")
     acts = [k for k in ("input_activations", "output_activations") if group.get(k)]
     if acts:
         raise InfqError(f"config group {name} also quantizes activations ({acts[0]}, e.g. W8A8); only weight-only "
@@ -300,6 +323,8 @@ def parse_ct_config(d: Mapping[str, Any]) -> QuantConfig:
     groups = d.get("config_groups") or {}
     if not groups:
         raise InfqError("compressed-tensors config has no config_groups; nothing is quantized")
+    if any(is_float_group(g) for g in groups.values()):
+        return _parse_fp8(d, groups)
     keys = {_weights_key(name, g, str(g.get("format") or d.get("format") or "")) for name, g in groups.items()}
     if len(keys) > 1:
         raise InfqError("config groups quantize modules differently (mixed precision); infq reads one weight "
@@ -314,6 +339,69 @@ def parse_ct_config(d: Mapping[str, Any]) -> QuantConfig:
         sym=sym,
         desc_act=actorder is not None,
         static_groups=actorder == "weight",
+        skip=tuple(s for s in skip if not re.match(s, "lm_head")),
+        lm_head=not any(re.match(s, "lm_head") for s in skip),
+    )
+
+
+# --------------------------------------------------------------------------- FP8 configs
+
+
+def is_float_group(group: Mapping[str, Any]) -> bool:
+    """True for a config group whose weights are floats (FP8, FP4)."""
+    return str(((group or {}).get("weights") or {}).get("type") or "int").lower() == "float"
+
+
+def _fp8_key(name: str, group: Mapping[str, Any], fmt: str) -> tuple[str, str]:
+    """(weight_scale, act_scheme) of one FP8 config group, or InfqError naming why it cannot be read."""
+    w = group.get("weights") or {}
+    if not is_float_group(group):
+        raise InfqError(f"config group {name} quantizes weights to int while another group uses FP8; infq reads "
+                        "one weight scheme per checkpoint")
+    if w.get("num_bits", 8) != 8:
+        raise InfqError(f"config group {name} has {w.get('num_bits')}-bit float weights (FP4); only FP8 is supported")
+    if fmt not in ("float-quantized", "naive-quantized"):
+        raise InfqError(f"compressed-tensors format {fmt!r} is not an FP8 layout; infq reads 'float-quantized' "
+                        "(and 'naive-quantized' weight-only) FP8 checkpoints")
+    strategy = str(w.get("strategy") or "tensor").lower()
+    if strategy not in ("tensor", "channel"):
+        raise InfqError(f"FP8 weight strategy {strategy!r} is not supported (block-wise, group); infq reads "
+                        "'tensor' and 'channel'")
+    if w.get("dynamic") or not w.get("symmetric", True):
+        raise InfqError("FP8 weights must be static and symmetric; the checkpoint cannot be read")
+    if group.get("output_activations"):
+        raise InfqError(f"config group {name} quantizes output activations; infq does not support that")
+    a = group.get("input_activations")
+    if not a:
+        return strategy, "none"
+    if str(a.get("type") or "int").lower() != "float" or a.get("num_bits", 8) != 8:
+        raise InfqError(f"config group {name} quantizes activations to {a.get('type')}{a.get('num_bits')}; "
+                        "infq reads FP8 (float, 8-bit) activations")
+    astrat, dynamic = str(a.get("strategy") or "tensor").lower(), a.get("dynamic")
+    if dynamic is True:
+        if astrat not in ("token", "tensor"):
+            raise InfqError(f"dynamic activation strategy {astrat!r} is not supported; infq reads 'token' and 'tensor'")
+        return strategy, "dynamic"
+    if dynamic:  # "local" (FP4 global scales)
+        raise InfqError(f"activation dynamic={dynamic!r} is not supported; use true or false")
+    if astrat != "tensor":
+        raise InfqError(f"static {astrat} activation scales cannot be stored (only a per-tensor input_scale is); "
+                        "the format needs dynamic: true for per-token activations")
+    return strategy, "static"
+
+
+def _parse_fp8(d: Mapping[str, Any], groups: Mapping[str, Any]) -> QuantConfig:
+    """An FP8 compressed-tensors config (llm-compressor FP8 / FP8_DYNAMIC / FP8 weight-only) -> QuantConfig."""
+    top = str(d.get("format") or "")
+    keys = {_fp8_key(name, g, str(g.get("format") or top)) for name, g in groups.items()}
+    if len(keys) > 1:
+        raise InfqError("config groups quantize modules differently (mixed FP8 schemes); infq reads one scheme "
+                        "per checkpoint")
+    weight_scale, act_scheme = keys.pop()
+    ignore = [str(x) for x in d.get("ignore") or ()]
+    skip = tuple(x[3:] if x.startswith("re:") else re.escape(x) + "$" for x in ignore)
+    return QuantConfig(
+        method="fp8", bits=8, group_size=-1, sym=True, weight_scale=weight_scale, act_scheme=act_scheme,
         skip=tuple(s for s in skip if not re.match(s, "lm_head")),
         lm_head=not any(re.match(s, "lm_head") for s in skip),
     )

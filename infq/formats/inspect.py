@@ -1,7 +1,7 @@
 """What a checkpoint holds: architecture, parameter count, format, per-tensor scheme and size.
 
 Every safetensors format returns the same plain dict, which `infq inspect` prints as a table or
-as JSON: packed linears (GPTQ, AWQ, compressed-tensors; see formats.packed) are one logical
+as JSON: packed linears (GPTQ, AWQ, compressed-tensors, FP8; see formats.packed) are one logical
 `<module>.weight` entry each, with their scheme and the bytes of all their parts. Parameter counts
 are of the logical (unquantized) weights; bits per weight divide the bytes stored for the weights
 by that count, so a 4-bit g128 GPTQ checkpoint reads about 4.25.
@@ -35,6 +35,9 @@ def inspect_checkpoint(model: str) -> dict[str, Any]:
 
 def _logical_shape(ckpt: Checkpoint, module: str, layout: PackedLayout) -> tuple[int, int]:
     """(out, in) of a packed linear from its stored shapes (weight_shape for compressed-tensors)."""
+    if layout.is_fp8:  # the e4m3 weight keeps its (out, in) shape
+        out, inp = ckpt.shape(f"{module}.weight")
+        return out, inp
     rows, cols = ckpt.shape(f"{module}.{layout.marker}")
     if layout.format == "gptq":  # qweight (in*bits/32, out)
         return cols, rows * 32 // layout.config.bits
@@ -57,6 +60,12 @@ def _summary(qc: dict[str, Any], layout: PackedLayout | None) -> dict[str, Any]:
     if layout is None:
         return {}
     c = layout.config
+    if layout.is_fp8:
+        fp: dict[str, Any] = {"quant_method": layout.format, "weights": "float8_e4m3fn",
+                              "weight_scale": c.weight_scale, "act_scheme": c.act_scheme}
+        if layout.format == "compressed-tensors":
+            fp["format"] = qc.get("format")
+        return fp
     d: dict[str, Any] = {"quant_method": layout.format, "bits": c.bits, "group_size": c.group_size,
                          "sym": c.sym, "desc_act": c.desc_act}
     if layout.format == "gptq":

@@ -1,9 +1,10 @@
-"""The quantized linears of a packed checkpoint (GPTQ, AWQ, compressed-tensors) behind one interface.
+"""The quantized linears of a packed checkpoint (GPTQ, AWQ, compressed-tensors, FP8) behind one interface.
 
 A `PackedLayout` is a format plus its parsed `QuantConfig`: it names the tensor that marks a packed
-linear (`qweight`, or `weight_packed` for compressed-tensors) and the tensors that make one up,
+linear (`qweight`, `weight_packed` for compressed-tensors, `weight_scale` for FP8 linears, whose
+e4m3 `weight` sits under the usual name) and the tensors that make one up,
 decodes one linear into a `QuantizedTensor`, encodes one back, and writes the format's
-`quantization_config`. The byte-level rules stay in gptq.py, awq.py and compressed_tensors.py;
+`quantization_config`. The byte-level rules stay in gptq.py, awq.py, compressed_tensors.py and fp8.py;
 this module only wires them up once for the runtime loader, `infq inspect` and `infq convert`.
 """
 
@@ -16,10 +17,10 @@ from typing import Any, Protocol
 import torch
 
 from infq.errors import InfqError
-from infq.formats import awq, compressed_tensors, gptq
+from infq.formats import awq, compressed_tensors, fp8, gptq
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor
 
-PACKED_FORMATS = ("gptq", "awq", "compressed-tensors")
+PACKED_FORMATS = ("gptq", "awq", "compressed-tensors", "fp8")
 MARKERS = ("qweight", "weight_packed")  # a module holding one of these is a packed linear
 
 
@@ -42,14 +43,27 @@ class PackedLayout:
     def __post_init__(self) -> None:
         if self.format not in PACKED_FORMATS:
             raise InfqError(f"format {self.format!r} is not a packed format; use one of {', '.join(PACKED_FORMATS)}")
+        if self.is_fp8 and self.format not in fp8.LAYOUTS:
+            raise InfqError(f"FP8 weights are written as compressed-tensors (float-quantized) or fp8 (vLLM), "
+                            f"not {self.format}; use --format compressed-tensors or --format fp8")
+        if self.is_fp8 or self.format == "fp8":
+            fp8.check_fp8_layout(self.config, self.format)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.config.method == "fp8"
 
     @property
     def marker(self) -> str:
+        if self.is_fp8:
+            return fp8.MARKER
         return "weight_packed" if self.format == "compressed-tensors" else "qweight"
 
     @property
     def parts(self) -> tuple[str, ...]:
         """Tensor suffixes of one packed linear (a bias is a plain tensor, not a part)."""
+        if self.is_fp8:
+            return fp8.PARTS
         if self.format == "gptq":
             return ("qweight", "qzeros", "scales", "g_idx")
         if self.format == "awq":
@@ -65,6 +79,8 @@ class PackedLayout:
         """Decode the packed linear `module` of `store`."""
         tensors = {p: store.get(f"{module}.{p}") for p in self.parts if f"{module}.{p}" in store}
         c = self.config
+        if self.is_fp8:
+            return fp8.fp8_to_quantized_tensor(tensors, c)
         if self.format == "gptq":
             return gptq.gptq_to_quantized_tensor(tensors, c.bits, c.group_size, c.sym, c.desc_act,
                                                  self.checkpoint_format)
@@ -74,6 +90,8 @@ class PackedLayout:
 
     def encode(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The format's tensors (module-name suffixes) for one linear; see each format's writer."""
+        if self.is_fp8:
+            return fp8.quantized_tensor_to_fp8(qt, bias, self.config, self.format)
         if self.format == "gptq":
             return gptq.quantized_tensor_to_gptq(qt, bias, self.checkpoint_format)
         if self.format == "awq":
@@ -90,6 +108,8 @@ class PackedLayout:
             return gptq.gptq_quantization_config(self.config, self.checkpoint_format)
         if self.format == "awq":
             return awq.awq_quantization_config(self.config, unquantized)
+        if self.format == "fp8":
+            return fp8.vllm_fp8_config(self.config, unquantized)
         return compressed_tensors.ct_quantization_config(self.config)
 
     @property
@@ -100,6 +120,8 @@ class PackedLayout:
     def describe(self) -> str:
         """Scheme of its linears for `infq inspect`, e.g. 'gptq int4 g128 sym act-order', 'ct int8 gchannel sym'."""
         c = self.config
+        if self.is_fp8:  # e.g. 'ct fp8 e4m3 w:channel a:dynamic'
+            return f"{self.label} fp8 e4m3 w:{c.weight_scale} a:{c.act_scheme}"
         group = f"g{c.group_size}" if c.group_size > 0 else "gchannel"
         act = " act-order" if c.desc_act else ""
         return f"{self.label} int{c.bits} {group} {'sym' if c.sym else 'asym'}{act}"
@@ -116,4 +138,6 @@ def layout_from_config(fmt: str, quantization_config: Mapping[str, Any]) -> Pack
         return PackedLayout("awq", awq.parse_awq_config(quantization_config))
     if fmt == "compressed-tensors":
         return PackedLayout("compressed-tensors", compressed_tensors.parse_ct_config(quantization_config))
+    if fmt == "fp8":
+        return PackedLayout("fp8", fp8.parse_vllm_fp8_config(quantization_config))
     raise InfqError(f"{fmt} checkpoints have no packed integer linears; reading them is not available here")

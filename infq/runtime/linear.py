@@ -64,3 +64,62 @@ class DequantLinear(nn.Module):
 def dense_from(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, device: torch.device) -> DenseLinear:
     b = None if bias is None else bias.to(device, dtype)
     return DenseLinear(weight.to(device, dtype), b)
+
+
+class Fp8Linear(nn.Module):
+    """A linear over FP8 E4M3 weights (a kind "fp8" QuantizedTensor): keeps the codes (1 byte per
+    weight) and per-row scales, and quantizes activations per `act` (static / dynamic / none, see
+    kernels/fp8.py). On a CUDA GPU with FP8 tensor cores it runs `torch._scaled_mm` (untested on a
+    GPU so far); elsewhere the dequantizing float32 reference computes the same product."""
+
+    codes: Tensor  # buffers, registered in __init__
+    w_scale: Tensor
+    input_scale: Tensor | None
+
+    def __init__(self, qt: QuantizedTensor, bias: Tensor | None, act: str, per_tensor: bool) -> None:
+        super().__init__()
+        from infq.kernels.fp8 import ACT_SCHEMES
+
+        if qt.scheme.kind != "fp8" or act not in ACT_SCHEMES:
+            raise ValueError(f"Fp8Linear needs an fp8 tensor and act in {ACT_SCHEMES}, got {qt.scheme.kind}, {act}")
+        if act == "static" and qt.input_scale is None:
+            raise ValueError("static activations need the tensor's input_scale")
+        self.register_buffer("codes", qt.codes)  # (out, in) float8_e4m3fn
+        self.register_buffer("w_scale", qt.scales.to(torch.float32))  # (out, 1)
+        act_scale = qt.input_scale.to(torch.float32) if act == "static" and qt.input_scale is not None else None
+        self.register_buffer("input_scale", act_scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # (out,)
+        self.act, self.per_tensor = act, per_tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        return self.codes.to(torch.float32) * self.w_scale  # (out, in) float32, exact
+
+    def forward(self, x: Tensor) -> Tensor:
+        from infq.kernels import fp8
+
+        tensor_wise = self.act == "static" and self.per_tensor
+        if (self.act != "none" and fp8.scaled_mm_supported(x.device)
+                and fp8.scaled_mm_shapes_ok(self.codes, x.dtype, tensor_wise)):
+            return fp8.fp8_linear_scaled_mm(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
+                                            w_per_tensor=self.per_tensor)
+        return fp8.fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale)
+
+
+def fp8_from(qt: QuantizedTensor, bias: Tensor | None, act: str, per_tensor: bool, dtype: torch.dtype,
+             device: torch.device) -> Fp8Linear:
+    """An Fp8Linear on `device`; the bias in the compute dtype, codes and scales as stored."""
+    from dataclasses import replace
+
+    b = None if bias is None else bias.to(device, dtype)
+    act_scale = None if qt.input_scale is None else qt.input_scale.to(device)
+    on_device = replace(qt, codes=qt.codes.to(device), scales=qt.scales.to(device), input_scale=act_scale)
+    return Fp8Linear(on_device, b, act, per_tensor)

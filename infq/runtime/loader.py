@@ -20,7 +20,7 @@ from infq.formats.detect import detect_format
 from infq.formats.hf import Checkpoint, load_tokenizer, read_config, resolve_model
 from infq.formats.packed import MARKERS, layout_from_config
 from infq.runtime.arch import ModelConfig
-from infq.runtime.linear import dense_from
+from infq.runtime.linear import dense_from, fp8_from
 from infq.runtime.model import DecoderModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,9 +44,9 @@ class HFWeights:
 
 
 class PackedWeights(HFWeights):
-    """`WeightSource` over a packed checkpoint: quantized linears are dequantized at load time.
-
-    (Fast dequant-GEMM kernels replace this with the kernels issue; the numbers are the same.)
+    """`WeightSource` over a packed checkpoint: integer linears are dequantized at load time
+    (fast dequant-GEMM kernels replace this with the kernels issue; the numbers are the same);
+    FP8 linears keep their e4m3 codes and quantize activations as their config says (Fp8Linear).
     """
 
     FORMAT = ""  # a formats.packed.PACKED_FORMATS name, set by each subclass
@@ -64,6 +64,9 @@ class PackedWeights(HFWeights):
             return super().linear(module, dtype, device)
         qt = self.layout.read(self.ckpt, module)
         bias = self.ckpt.get(f"{module}.bias") if f"{module}.bias" in self.ckpt else None
+        if self.layout.is_fp8:
+            c = self.layout.config
+            return fp8_from(qt, bias, c.act_scheme, c.weight_scale == "tensor", dtype, device)
         return dense_from(qt.dequantize(torch.float32), bias, dtype, device)
 
 
@@ -80,12 +83,19 @@ class AWQWeights(PackedWeights):
 
 
 class CTWeights(PackedWeights):
-    """compressed-tensors pack-quantized (llm-compressor W4A16 / W4A16_ASYM / W8A16)."""
+    """compressed-tensors pack-quantized (llm-compressor W4A16 / W4A16_ASYM / W8A16) and
+    float-quantized / naive-quantized FP8 (FP8, FP8_DYNAMIC, FP8 weight-only)."""
 
     FORMAT = "compressed-tensors"
 
 
-SOURCES: tuple[type[PackedWeights], ...] = (GPTQWeights, AWQWeights, CTWeights)
+class FP8Weights(PackedWeights):
+    """vLLM's native fp8 layout (AutoFP8; per-tensor weight scales, static or dynamic activations)."""
+
+    FORMAT = "fp8"
+
+
+SOURCES: tuple[type[PackedWeights], ...] = (GPTQWeights, AWQWeights, CTWeights, FP8Weights)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """compressed-tensors pack-quantized: reference §E.3 test vector, packing against an integer oracle,
-QuantizedTensor round trips, refusals, configs (llm-compressor presets in, FP8 / W8A8 refused), and
+QuantizedTensor round trips, refusals, configs (llm-compressor presets in, FP4 / W8A8 refused; FP8 in
+test_fp8_format.py), and
 llm-compressor-layout checkpoints built by plain Python loops (tests/peer_layouts.py) that must load
 into the runtime with exactly the weights they encode. All comparisons are exact."""
 
@@ -160,8 +161,8 @@ def test_parse_presets(bits: int, gs: int, sym: bool, actorder: str | None) -> N
     assert not c.lm_head and c.is_skipped("lm_head")
 
 
-def _fp8_dynamic() -> dict:
-    d = llmcompressor_config(8, -1, True)
+def _fp4() -> dict:
+    d = llmcompressor_config(4, 16, True)
     g = d["config_groups"]["group_0"]
     g["weights"].update(type="float", symmetric=True)
     g["input_activations"] = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}
@@ -184,7 +185,7 @@ def _mixed() -> dict:
 
 
 @pytest.mark.parametrize(("config", "reason"), [
-    (_fp8_dynamic(), "float-quantized compressed-tensors checkpoints is not available"),
+    (_fp4(), "only FP8 is supported"),
     (_w8a8_int(), "also quantizes activations"),
     ({**llmcompressor_config(4, 128, True), "format": "naive-quantized",
       "config_groups": {"group_0": {**llmcompressor_config(4, 128, True)["config_groups"]["group_0"], "format": None}}},
