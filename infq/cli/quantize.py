@@ -12,8 +12,8 @@ METHODS = "rtn, gptq, awq, fp8, kquant"
 def quantize(
     model: str = typer.Option("demo", "--model", "-m", help="Model directory, hub id, or 'demo' (bundled)."),
     method: str = typer.Option("gptq", "--method", help=f"One of: {METHODS}."),
-    bits: int = typer.Option(4, "--bits", help="Weight bits: 2, 3, 4 or 8 (the AWQ GEMM format takes 4; write other widths with --format gptq)."),
-    group_size: int = typer.Option(128, "--group-size", help="Input channels per scale; -1 = one per output channel."),
+    bits: int = typer.Option(None, "--bits", help="Weight bits: 2, 3, 4 or 8 (the AWQ GEMM format takes 4; write other widths with --format gptq) [default: 4; 8 for fp8]."),
+    group_size: int = typer.Option(None, "--group-size", help="Input channels per scale; -1 = one per output channel [default: 128; fp8 uses --weight-scale]."),
     sym: bool = typer.Option(None, "--sym/--asym", help="Symmetric (zero at 2^(b-1)) or asymmetric codes [default: sym for rtn/gptq, asym for awq]."),
     desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order: quantize columns by decreasing Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="With --desc-act: fix group scales before reordering."),
@@ -29,7 +29,10 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block."),
     device: str = typer.Option("cpu", "--device", help="Compute device: cpu or cuda."),
-    fmt: str = typer.Option("auto", "--format", help="Checkpoint format: auto (gptq for rtn/gptq, awq for awq), gptq, awq, compressed-tensors."),
+    fmt: str = typer.Option("auto", "--format", help="Checkpoint format: auto (gptq for rtn/gptq, awq for awq, compressed-tensors for fp8), gptq, awq, compressed-tensors, fp8 (vLLM's fp8 layout)."),
+    weight_scale: str = typer.Option(None, "--weight-scale", help="fp8: one e4m3 weight scale per 'tensor' or per output 'channel' [default: channel]."),
+    act_scheme: str = typer.Option(None, "--act-scheme", help="fp8 activations: 'static' (per-tensor input scales calibrated on --dataset), 'dynamic' (per token at run time, no data), 'none' (weight-only) [default: dynamic]."),
+    act_percentile: float = typer.Option(None, "--act-percentile", help="fp8 static: input amax = this percentile of the per-token max |x| (e.g. 99.99) [default: 100, the max]."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Quantize a model. Example: infq quantize --model Qwen/Qwen2.5-0.5B --method gptq --bits 4 --out qwen-gptq"""
@@ -41,7 +44,8 @@ def quantize(
             model=model, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
             static_groups=static_groups, damp_percent=damp_percent, dataset=dataset, data_file=data_file,
             nsamples=nsamples, seqlen=seqlen, seed=seed, skip=tuple(skip), lm_head=lm_head, out=out, force=force,
-            resume=resume, device=device, format=fmt,
+            resume=resume, device=device, format=fmt, weight_scale=weight_scale, act_scheme=act_scheme,
+            act_percentile=act_percentile,
         )
         with progress(quiet=json_out) as bar:
             result = quantize_model(req, bar)

@@ -37,7 +37,7 @@ from infq.quantizers.calibrate import (
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
 from infq.quantizers.staging import Stage, fingerprint
 
-AVAILABLE = ("rtn", "gptq", "awq")
+AVAILABLE = ("rtn", "gptq", "awq", "fp8")
 _COPY = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.tiktoken|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(json|jinja))$")
 
 
@@ -45,8 +45,8 @@ _COPY = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.j
 class QuantizeRequest:
     model: str = "demo"
     method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
+    bits: int | None = None  # None: 4, or 8 for fp8
+    group_size: int | None = None  # None: 128; fp8 scales are per tensor or per channel, never per group
     sym: bool | None = None  # None: the method's default (symmetric for rtn/gptq, asymmetric for awq)
     desc_act: bool = False
     static_groups: bool = False
@@ -64,10 +64,13 @@ class QuantizeRequest:
     device: str = "cpu"
     format: str = "auto"  # auto: the method's own (gptq for rtn/gptq, awq for awq)
     max_shard_bytes: int = 4 * 2**30
+    weight_scale: str | None = None  # fp8: tensor | channel [default channel]
+    act_scheme: str | None = None  # fp8: static | dynamic | none [default dynamic]
+    act_percentile: float | None = None  # fp8 static: percentile of per-token maxima [default 100]
 
 
-FORMATS = ("auto", "gptq", "awq", "compressed-tensors")
-DEFAULT_FORMAT = {"rtn": "gptq", "gptq": "gptq", "awq": "awq"}
+FORMATS = ("auto", "gptq", "awq", "compressed-tensors", "fp8")
+DEFAULT_FORMAT = {"rtn": "gptq", "gptq": "gptq", "awq": "awq", "fp8": "compressed-tensors"}
 
 
 def _rtn(weight: Tensor, stats: LayerStats, config: QuantConfig) -> tuple[QuantizedTensor, dict[str, float]]:
@@ -83,6 +86,10 @@ def method_fn(method: str) -> QuantizeFn:
         from infq.quantizers.gptq import quantize_gptq
 
         return quantize_gptq
+    if method == "fp8":
+        from infq.quantizers.fp8 import quantize_fp8
+
+        return quantize_fp8
     raise InfqError(
         f"--method {method} is not available in this version of infq; available: {', '.join(AVAILABLE)}"
     )
@@ -101,6 +108,8 @@ def _transform(method: str) -> TransformFn | None:
 
 def default_out(model_path: Path, config: QuantConfig) -> Path:
     name = model_path.name if model_path.name != "demo" else "infq-demo"
+    if config.method == "fp8":
+        return Path.cwd() / f"{name}-fp8-{config.weight_scale}-{config.act_scheme}"
     gs = "c" if config.group_size == -1 else str(config.group_size)
     return Path.cwd() / f"{name}-{config.method}-w{config.bits}g{gs}"
 
@@ -118,12 +127,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     from infq.runtime.loader import HFWeights, check_checkpoint, expected_shapes
 
     start = time.perf_counter()
-    sym = req.sym if req.sym is not None else req.method != "awq"
-    config = QuantConfig(
-        method=req.method, bits=req.bits, group_size=req.group_size, sym=sym, desc_act=req.desc_act,
-        static_groups=req.static_groups, damp_percent=req.damp_percent, nsamples=req.nsamples,
-        seqlen=req.seqlen, skip=req.skip, lm_head=req.lm_head,
-    )
+    config = request_config(req)
     fn = method_fn(config.method)
     src = resolve_model(req.model)
     hf_config = read_config(src)
@@ -141,7 +145,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     out = Path(req.out) if req.out else default_out(src, config)
     if out.exists() and not req.force:
         raise InfqError(f"{out} already exists; pass --force to replace it or choose another --out")
-    windows = _windows(req, config, src, cfg) if config.method != "rtn" else None
+    windows = _windows(req, config, src, cfg) if needs_calibration(config) else None
     release_memory()  # the tokenizer and the corpus text are gone: hand their pages back
     stage_dir = out.parent / f".{out.name}.partial"
     if req.force and not req.resume and stage_dir.exists():
@@ -149,7 +153,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     fp = fingerprint(hf_config, weight_paths(src), {**config.to_dict(), "seed": req.seed}, windows)
     stage = Stage(stage_dir, fp)
     done = stage.start(req.resume)
-    ctx = CalibrationContext(cfg, HFWeights(ckpt), config, fn, device=torch.device(req.device),
+    ctx = CalibrationContext(cfg, HFWeights(ckpt), _driver_config(config), fn, device=torch.device(req.device),
                              store_dtype=_HALF.get(cfg.torch_dtype), transform=_transform(config.method))
     ctx.on_linear = _linear_progress(bar, cfg.num_layers, len(done))
     for result in calibrate(ctx, windows, done):
@@ -166,6 +170,8 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
         "out": str(out), "method": config.method, "bits": config.bits, "group_size": config.group_size,
         "sym": config.sym, "desc_act": config.desc_act, "format": layout.format,
         "checkpoint_format": layout.checkpoint_format if layout.format == "gptq" else None,
+        **({"weight_scale": config.weight_scale, "act_scheme": config.act_scheme,
+            "act_percentile": config.act_percentile} if config.method == "fp8" else {}),
         "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": rss_peak_bytes(),
         "bits_per_weight": stats["bits_per_weight"], "quantized_linears": stats["linears"],
         "bytes_before": ckpt.file_bytes(), "bytes_after": sum(p.stat().st_size for p in weight_paths(out)),
@@ -175,6 +181,47 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
         "resumed_blocks": len(done),
         "warnings": stats["warnings"],
     }
+
+
+def request_config(req: QuantizeRequest) -> QuantConfig:
+    """The QuantConfig of a request, with each method's defaults; FP8 flags on other methods refused."""
+    fp8 = req.method == "fp8"
+    given = [f for f, v in (("--weight-scale", req.weight_scale), ("--act-scheme", req.act_scheme),
+                            ("--act-percentile", req.act_percentile)) if v is not None]
+    if given and not fp8:
+        raise InfqError(f"{given[0]} applies to --method fp8 only; drop it or use --method fp8")
+    if fp8 and req.group_size is not None:
+        raise InfqError("fp8 has no groups: its scales are per tensor or per channel; use --weight-scale tensor|channel "
+                        "instead of --group-size")
+    if fp8 and req.sym is False:
+        raise InfqError("fp8 weights are symmetric (no zero point); drop --asym")
+    sym = req.sym if req.sym is not None else req.method != "awq"
+    return QuantConfig(
+        method=req.method, bits=req.bits if req.bits is not None else (8 if fp8 else 4),
+        group_size=-1 if fp8 else (req.group_size if req.group_size is not None else 128), sym=sym,
+        desc_act=req.desc_act, static_groups=req.static_groups, damp_percent=req.damp_percent,
+        nsamples=req.nsamples, seqlen=req.seqlen, skip=req.skip, lm_head=req.lm_head,
+        weight_scale=req.weight_scale or "channel", act_scheme=req.act_scheme or "dynamic",
+        act_percentile=100.0 if req.act_percentile is None else req.act_percentile,
+    )
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """RTN and FP8 without static activation scales quantize each weight on its own: no data."""
+    if config.method == "fp8":
+        return config.act_scheme == "static"
+    return config.method != "rtn"
+
+
+def _driver_config(config: QuantConfig) -> QuantConfig:
+    """The config the calibration driver sees. The driver picks its observers by method
+    (METHOD_STATS); FP8 without static scales needs none, so it runs in the driver's no-statistics
+    mode, the one RTN uses (the FP8 function reads only weight_scale / act_scheme from it)."""
+    from dataclasses import replace
+
+    if config.method == "fp8" and not needs_calibration(config):
+        return replace(config, method="rtn")
+    return config
 
 
 def _linear_progress(bar: Any, blocks: int, done: int) -> Callable[[int, str, dict[str, float]], None] | None:
