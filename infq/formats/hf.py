@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from infq.errors import InfqError
-from infq.formats.safetensors_io import SafetensorsFile
+from infq.formats.safetensors_io import SafetensorsFile, StoredTensor
 
 DEMO_NAME = "demo"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -137,6 +137,15 @@ class Checkpoint:
         except KeyError:
             raise InfqError(f"{self.dir}: tensor {name!r} is missing; the checkpoint is incomplete") from None
         return st.get(name) if self.mmap else st.read(name)
+
+    def stored(self, name: str) -> torch.Tensor | StoredTensor:
+        """The tensor for copying into another file: where it lies (safetensors, streamed in
+        chunks by the writer) or in memory (.bin checkpoints)."""
+        if name in self._pt:
+            return self._pt[name]
+        if name not in self._where:
+            raise InfqError(f"{self.dir}: tensor {name!r} is missing; the checkpoint is incomplete")
+        return self._files[self._where[name]].stored(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._pt:

@@ -41,6 +41,35 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
+class StoredTensor:
+    """A tensor left in its safetensors file, for copying through to another file in chunks: the
+    writer streams its bytes (`chunks`) and never holds it whole. A quantized checkpoint passes its
+    embeddings and lm_head (131 MiB each at TinyLlama's size) through this way."""
+
+    CHUNK = 16 << 20
+
+    def __init__(self, path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.offset, self.nbytes = path, offset, nbytes
+        self.dtype, self.shape = dtype, torch.Size(shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def chunks(self) -> Iterable[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.nbytes
+            while left:
+                chunk = f.read(min(self.CHUNK, left))
+                if not chunk:
+                    raise InfqError(f"{self.path} is truncated: it ended while being copied; re-download it")
+                left -= len(chunk)
+                yield chunk
+
+
 class SafetensorsFile:
     """One memory-mapped safetensors file; `get(name)` returns a read-only-by-convention view."""
 
@@ -113,6 +142,11 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=DTYPES[dtype_tag][0])
         return torch.frombuffer(buf, dtype=torch.uint8).view(DTYPES[dtype_tag][0]).reshape(shape)
 
+    def stored(self, name: str) -> StoredTensor:
+        """The tensor where it lies in the file, to be copied through in chunks."""
+        dtype_tag, shape, begin, end = self._entries[name]
+        return StoredTensor(self.path, self._data_start + begin, end - begin, DTYPES[dtype_tag][0], shape)
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor as a view of the memory map (copy-on-write: writes never reach the file)."""
         dtype_tag, shape, begin, end = self._entries[name]
@@ -159,16 +193,23 @@ class SafetensorsWriter:
     def __len__(self) -> int:
         return len(self._header)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        """Append one tensor's bytes; a `StoredTensor` is copied from its file in chunks."""
         if name in self._header:
             raise ValueError(f"tensor {name!r} was given twice")
-        t = tensor.detach().cpu().contiguous()
-        if t.dtype not in _TAGS:
-            raise ValueError(f"dtype {t.dtype} has no safetensors tag")
-        n = t.numel() * t.element_size()
-        if n:
-            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        self._header[name] = {"dtype": _TAGS[t.dtype], "shape": list(t.shape), "data_offsets": [self.nbytes, self.nbytes + n]}
+        if tensor.dtype not in _TAGS:
+            raise ValueError(f"dtype {tensor.dtype} has no safetensors tag")
+        if isinstance(tensor, StoredTensor):
+            n = tensor.nbytes
+            for chunk in tensor.chunks():
+                self._data.write(chunk)
+        else:
+            t = tensor.detach().cpu().contiguous()
+            n = t.numel() * t.element_size()
+            if n:
+                self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._header[name] = {"dtype": _TAGS[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + n]}
         self.nbytes += n
 
     def close(self) -> None:
@@ -199,7 +240,7 @@ def _shard_names(n: int) -> list[str]:
 
 def write_shards(
     out_dir: str | os.PathLike[str],
-    tensors_iter: Iterable[tuple[str, torch.Tensor]],
+    tensors_iter: Iterable[tuple[str, torch.Tensor | StoredTensor]],
     max_shard_bytes: int = 5 * 2**30,
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:

@@ -55,7 +55,7 @@ def quantize_gptq(
     Memory: a float32 (in, in) Hessian without act-order serves as the workspace itself (reversed,
     factored and inverted in place in its lower triangle, then restored bit for bit before this
     returns), so the solve needs no second (in, in) buffer; with act-order or another dtype one
-    float32 copy is made. Rows are solved ROWS at a time, so only a slice of W is ever in float32.
+    float32 copy is made. Rows are solved a ROW_BYTES slice at a time, so only a slice of W is ever in float32.
     """
     H = _checked_inputs(weight, stats)  # (in, in) float32: stats.hessian itself when it already is
     scheme = QuantScheme.from_config(config)
@@ -77,14 +77,16 @@ def quantize_gptq(
         col_group = torch.arange(n, device=H.device) // gs  # (in,) group of each processing position
         if static and perm is not None:
             col_group = perm // gs  # static groups keep the original columns' grids
-        parts = [
-            _solve_rows(weight[r : r + ROWS], dead, perm, A, scheme, gs, col_group, static)
-            for r in range(0, out, ROWS)
-        ]
-        codes = torch.cat([p[0] for p in parts])  # (out, in) original order
-        scales = torch.cat([p[1] for p in parts])  # (out, G)
-        zeros = torch.cat([p[2] for p in parts])
-        loss = sum(p[3] for p in parts)
+        step = max(PANEL, ROW_BYTES // (4 * n))  # rows per slice: W in float32 stays ~ROW_BYTES
+        codes = torch.empty(out, n, dtype=torch.uint8, device=weight.device)  # (out, in) original order
+        scales = torch.empty(out, n // gs, dtype=torch.float32, device=weight.device)  # (out, G)
+        zeros = torch.empty_like(scales)
+        loss = 0.0
+        for r in range(0, out, step):
+            part = _solve_rows(weight[r : r + step], dead, perm, A, scheme, gs, col_group, static)
+            codes[r : r + step], scales[r : r + step], zeros[r : r + step] = part[:3]
+            loss += part[3]
+            del part
         g_idx = col_group if perm is None else col_group[torch.argsort(perm)]
         qt = QuantizedTensor(
             codes=codes,
@@ -109,7 +111,10 @@ def quantize_gptq(
     return qt, info
 
 
-ROWS = 4096  # output rows solved at a time (rows are independent given H⁻¹; fewer chunks, fewer column steps)
+# Output rows are solved a slice at a time (rows are independent given H⁻¹): a float32 slice of W
+# of at most ~ROW_BYTES (16 MiB: 744 rows of TinyLlama's down_proj, all 2048 rows of a 2048-wide
+# input), few enough slices that the per-column Python loop is not repeated often.
+ROW_BYTES = 16 << 20
 PANEL = 256  # block size of the in-place factorization
 
 

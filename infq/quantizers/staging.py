@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from infq.errors import InfqError
+from infq.formats.safetensors_io import SafetensorsWriter
 from infq.quantizers.calibrate import BlockResult
 from infq.quantizers.scheme import QuantizedTensor, QuantScheme
 
@@ -75,20 +76,29 @@ class Stage:
         return done
 
     def save(self, result: BlockResult) -> None:
+        """Write the block's results to its stage file, one tensor at a time (no second copy of
+        the block's codes in memory, as a whole-dict serializer would make)."""
         tensors: dict[str, Tensor] = {}
         meta = {}
         for name, qt in result.tensors.items():
             for part in _PARTS:
                 value = getattr(qt, part)
                 if value is not None:
-                    tensors[f"{name}.{part}"] = value.contiguous()
+                    tensors[f"{name}.{part}"] = value
             meta[name] = json.dumps({"scheme": qt.scheme.__dict__, "shape": list(qt.shape)})
         for name, t in result.dense.items():  # full-precision tensors the method replaced (AWQ norms)
-            tensors[f"{_DENSE}{name}"] = t.contiguous()
+            tensors[f"{_DENSE}{name}"] = t
         meta["__info__"] = json.dumps(result.info)
         final = self.blocks / f"{result.index:05d}.safetensors"
         tmp = final.with_suffix(".partial")
-        save_file(tensors, str(tmp), metadata=meta)
+        writer = SafetensorsWriter(tmp, meta)
+        try:
+            for key in sorted(tensors):
+                writer.add(key, tensors[key])
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         tmp.rename(final)  # a block counts as done only once its file is whole
 
     def read(self, i: int) -> BlockResult:

@@ -370,3 +370,42 @@ def test_write_single_shard_and_errors(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="crashed"):
         write_gptq_shards(empty, failing(), max_shard_bytes=1024)
     assert list(empty.iterdir()) == []  # no half-written checkpoint left behind
+
+
+def test_stored_tensors_are_copied_through_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass-through tensors (embeddings, lm_head) go from the source file to the shard in chunks,
+    never read whole; the safetensors library reads them back equal to the source."""
+    from safetensors.torch import save_file
+
+    from infq.formats.hf import Checkpoint
+    from infq.formats.safetensors_io import StoredTensor
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = dict(_tensors())
+    save_file(tensors, str(src / "model.safetensors"))
+    monkeypatch.setattr(StoredTensor, "CHUNK", 100)  # 1 KiB tensors: several chunks each, one partial
+    reads: list[int] = []
+    real = StoredTensor.chunks
+
+    def counting(self):
+        for c in real(self):
+            reads.append(len(c))
+            yield c
+
+    monkeypatch.setattr(StoredTensor, "chunks", counting)
+    ckpt = Checkpoint(src, mmap=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    stream = [(n, ckpt.stored(n)) for n in ckpt.keys()]
+    assert all(isinstance(t, StoredTensor) for _, t in stream)
+    write_gptq_shards(out, iter(stream), max_shard_bytes=2048)
+    assert max(reads) == 100 and sum(reads) == sum(t.numel() * t.element_size() for t in tensors.values())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for name, t in tensors.items():
+        with safe_open(str(out / index["weight_map"][name]), framework="pt") as f:
+            got = f.get_tensor(name)
+        assert got.dtype == t.dtype and torch.equal(got, t)
+    (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-10])  # truncated source
+    with pytest.raises(InfqError, match="truncated"):
+        Checkpoint(src, mmap=False)
