@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from infq.errors import InfqError
+from infq.formats.safetensors_io import StoredTensor
 from infq.quantizers.calibrate import (
     BlockResult,
     CalibrationContext,
@@ -32,6 +33,7 @@ from infq.quantizers.calibrate import (
     QuantizeFn,
     TransformFn,
     calibrate,
+    map_large_allocations,
     release_memory,
 )
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
@@ -127,6 +129,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     from infq.runtime.loader import HFWeights, check_checkpoint, expected_shapes
 
     start = time.perf_counter()
+    map_large_allocations()  # freed transients go back to the OS: RSS tracks one block
     config = request_config(req)
     fn = method_fn(config.method)
     src = resolve_model(req.model)
@@ -158,6 +161,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     ctx.on_linear = _linear_progress(bar, cfg.num_layers, len(done))
     for result in calibrate(ctx, windows, done):
         stage.save(result)
+        del result  # staged on disk; the next block must not find its codes still resident
     tmp = stage_dir / "out"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -303,14 +307,14 @@ def _write(tmp: Path, src: Path, hf_config: dict[str, Any], ckpt: Any, cfg: Any,
 
 
 def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResult], layout: Any,
-            totals: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
+            totals: dict[str, Any]) -> Iterator[tuple[str, Tensor | StoredTensor]]:
     """(name, tensor) pairs for the writer: unquantized tensors as stored, quantized ones packed."""
     arch = cfg.arch
     prefixes = [arch.block(i) + "." for i in range(cfg.num_layers)] + ["lm_head."]
     head = arch.lm_head if config.lm_head else None
-    for name in ckpt.keys():  # embeddings, final norm, lm_head unless quantized
+    for name in ckpt.keys():  # embeddings, final norm, lm_head unless quantized: copied in chunks
         if not any(name.startswith(p) for p in prefixes[:-1]) and name != head:
-            yield name, ckpt.get(name)
+            yield name, ckpt.stored(name)
     for result in blocks:
         prefix = prefixes[result.index]
         for module, info in result.info.items():
@@ -333,7 +337,7 @@ def _stream(ckpt: Any, cfg: Any, config: QuantConfig, blocks: Iterator[BlockResu
                 if name in result.dense:  # rewritten by the method (AWQ's scaled norms), stored as the source was
                     yield name, result.dense[name].to(ckpt.dtype(name))
                 else:
-                    yield name, ckpt.get(name)
+                    yield name, ckpt.stored(name)
 
 
 def _replace(tmp: Path, out: Path) -> None:
