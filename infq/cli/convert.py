@@ -9,7 +9,7 @@ from infq.cli.common import cli_errors, print_json
 
 def convert(
     src: str = typer.Argument(..., help="Quantized model directory (GPTQ, AWQ or compressed-tensors) or hub id."),
-    to: str = typer.Option(..., "--to", help="Target format: gptq, awq or compressed-tensors."),
+    to: str = typer.Option(..., "--to", help="Target format: gptq, awq or compressed-tensors (integer weights); compressed-tensors or fp8 (FP8 weights)."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory."),
     gptq_format: str = typer.Option(None, "--gptq-format", help="With --to gptq: gptq (v1) or gptq_v2 (default: gptq when symmetric, else gptq_v2)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),

@@ -1,4 +1,6 @@
-"""`convert_checkpoint`: lossless repacking between GPTQ, AWQ GEMM and compressed-tensors pack-quantized.
+"""`convert_checkpoint`: lossless repacking between GPTQ, AWQ GEMM and compressed-tensors pack-quantized,
+and between the two FP8 layouts (compressed-tensors float-quantized, vLLM fp8; per-tensor scales only
+fit the latter).
 
 Every packed linear is decoded into a QuantizedTensor (the integer codes, scales and zero points
 it stores) and encoded in the target layout; nothing is requantized. A conversion the target
@@ -139,7 +141,10 @@ def _unquantized(ckpt: Checkpoint, source: PackedLayout) -> list[str]:
 
 
 def _check_lossless(qt: QuantizedTensor, target: PackedLayout, module: str) -> None:
-    """Refuse what encoding would silently round: fp16 scales, zero points of a symmetric target."""
+    """Refuse what encoding would silently round: fp16 scales, zero points of a symmetric target.
+    FP8 layouts keep the scales' dtype (compressed-tensors) or widen them to float32 (vLLM fp8)."""
+    if qt.scheme.kind == "fp8":
+        return
     if target.format in ("gptq", "awq") and qt.scales.dtype != torch.float16:
         back = qt.scales.to(torch.float16).to(qt.scales.dtype)
         if not torch.equal(back, qt.scales):
@@ -184,10 +189,11 @@ def verify_conversion(ckpt: Checkpoint, source: PackedLayout, out_dir: Path, to:
         raise InfqError(f"verification failed: the output packs {len(written)} linears, the source {len(packed)}; "
                         "nothing was written")
     for module in modules:
-        a = source.read(ckpt, module).dequantize(torch.float32)
-        b = target.read(dst, module).dequantize(torch.float32)
-        if not torch.equal(a, b):
+        qa, qb = source.read(ckpt, module), target.read(dst, module)
+        if not torch.equal(qa.dequantize(torch.float32), qb.dequantize(torch.float32)):
             raise InfqError(f"verification failed: {module} does not dequantize to the source's weights; nothing was written")
+        if qa.input_scale is not None and (qb.input_scale is None or not torch.equal(qa.input_scale, qb.input_scale)):
+            raise InfqError(f"verification failed: {module}'s input_scale changed; nothing was written")
     for name in carried:
         if name not in dst or not _same_bytes(ckpt.get(name), dst.get(name)):
             raise InfqError(f"verification failed: tensor {name} was not carried over unchanged; nothing was written")

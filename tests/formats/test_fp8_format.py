@@ -227,3 +227,29 @@ def test_vllm_and_tensor_refusals() -> None:
                                 _config("tensor", "static"))
     with pytest.raises(InfqError, match="zero, negative"):
         fp8_to_quantized_tensor({"weight": w, "weight_scale": torch.zeros(())}, _config())
+
+
+def test_convert_between_fp8_layouts(tmp_path) -> None:
+    """llm-compressor FP8 (per-tensor, static) -> vLLM fp8 -> compressed-tensors, verified and exact."""
+    from infq.formats.convert import ConvertRequest, convert_checkpoint
+
+    src = make_tiny_model(tmp_path / "src", dtype=torch.bfloat16)
+    rng = random.Random(7)
+
+    def linear(o: int, i: int):
+        tensors, weight, _ = fp8_linear(o, i, "tensor", True, rng, scale_dtype=torch.bfloat16)
+        return tensors, weight
+
+    expected = build_checkpoint(src, tmp_path / "ct", linear, llmcompressor_fp8_config("tensor", "static"))
+    stored = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    res = convert_checkpoint(ConvertRequest(str(tmp_path / "ct"), "fp8", str(tmp_path / "vllm")))
+    assert res["verified"] and res["linears"] == 14
+    convert_checkpoint(ConvertRequest(str(tmp_path / "vllm"), "compressed-tensors", str(tmp_path / "back")))
+    for out, fmt in ((tmp_path / "vllm", "fp8"), (tmp_path / "back", "compressed-tensors")):
+        loaded = load_model(str(out), tokenizer=False)
+        assert loaded.format == fmt
+        lin = loaded.model.blocks[1].linears["down"]
+        assert torch.equal(lin.weight, expected["model.layers.1.mlp.down_proj"])
+        assert lin.input_scale.item() == stored["model.layers.1.mlp.down_proj.input_scale"].item()
+    with pytest.raises(InfqError, match="FP8 weights are written as compressed-tensors"):
+        convert_checkpoint(ConvertRequest(str(tmp_path / "ct"), "gptq", str(tmp_path / "g")))
