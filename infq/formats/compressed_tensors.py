@@ -330,8 +330,7 @@ def parse_ct_config(d: Mapping[str, Any]) -> QuantConfig:
         raise InfqError("config groups quantize modules differently (mixed precision); infq reads one weight "
                         "scheme per checkpoint")
     bits, sym, group_size, actorder = keys.pop()
-    ignore = [str(x) for x in d.get("ignore") or ()]
-    skip = tuple(x[3:] if x.startswith("re:") else re.escape(x) + "$" for x in ignore)
+    skip, lm_head = skip_from_ignore(d.get("ignore"))
     return QuantConfig(
         method="gptq",  # the file does not say; gptq is what llm-compressor's W4A16 recipes run
         bits=bits,
@@ -339,9 +338,17 @@ def parse_ct_config(d: Mapping[str, Any]) -> QuantConfig:
         sym=sym,
         desc_act=actorder is not None,
         static_groups=actorder == "weight",
-        skip=tuple(s for s in skip if not re.match(s, "lm_head")),
-        lm_head=not any(re.match(s, "lm_head") for s in skip),
+        skip=skip,
+        lm_head=lm_head,
     )
+
+
+def skip_from_ignore(ignore: Any) -> tuple[tuple[str, ...], bool]:
+    """An ignore list (module names, or regexes prefixed "re:") -> (skip regexes for the block linears,
+    whether lm_head is quantized, i.e. not ignored)."""
+    patterns = tuple(x[3:] if x.startswith("re:") else re.escape(x) + "$" for x in map(str, ignore or ()))
+    head_ignored = any(re.match(p, "lm_head") for p in patterns)
+    return tuple(p for p in patterns if not re.match(p, "lm_head")), not head_ignored
 
 
 # --------------------------------------------------------------------------- FP8 configs
@@ -398,10 +405,6 @@ def _parse_fp8(d: Mapping[str, Any], groups: Mapping[str, Any]) -> QuantConfig:
         raise InfqError("config groups quantize modules differently (mixed FP8 schemes); infq reads one scheme "
                         "per checkpoint")
     weight_scale, act_scheme = keys.pop()
-    ignore = [str(x) for x in d.get("ignore") or ()]
-    skip = tuple(x[3:] if x.startswith("re:") else re.escape(x) + "$" for x in ignore)
-    return QuantConfig(
-        method="fp8", bits=8, group_size=-1, sym=True, weight_scale=weight_scale, act_scheme=act_scheme,
-        skip=tuple(s for s in skip if not re.match(s, "lm_head")),
-        lm_head=not any(re.match(s, "lm_head") for s in skip),
-    )
+    skip, lm_head = skip_from_ignore(d.get("ignore"))
+    return QuantConfig(method="fp8", bits=8, group_size=-1, sym=True, weight_scale=weight_scale,
+                       act_scheme=act_scheme, skip=skip, lm_head=lm_head)

@@ -13,13 +13,13 @@ Tensors only (torch / safetensors), no torch.nn.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from infq.errors import InfqError
+from infq.formats.compressed_tensors import skip_from_ignore
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, QuantScheme
 
 LAYOUTS = ("compressed-tensors", "fp8")
@@ -129,8 +129,6 @@ def parse_vllm_fp8_config(d: Mapping[str, Any]) -> QuantConfig:
     scheme = str(d.get("activation_scheme") or "dynamic").lower()
     if scheme not in ("static", "dynamic"):
         raise InfqError(f"activation_scheme {scheme!r} is unknown; vLLM fp8 uses static or dynamic")
-    ignored = [str(x) for x in d.get("ignored_layers") or d.get("modules_to_not_convert") or ()]
-    skip = tuple(x[3:] if x.startswith("re:") else re.escape(x) + "$" for x in ignored)
-    head = any(re.match(s, "lm_head") for s in skip)
+    skip, lm_head = skip_from_ignore(d.get("ignored_layers") or d.get("modules_to_not_convert"))
     return QuantConfig(method="fp8", bits=8, group_size=-1, sym=True, weight_scale="tensor", act_scheme=scheme,
-                       skip=tuple(s for s in skip if not re.match(s, "lm_head")), lm_head=not head)
+                       skip=skip, lm_head=lm_head)
