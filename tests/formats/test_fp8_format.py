@@ -253,3 +253,22 @@ def test_convert_between_fp8_layouts(tmp_path) -> None:
         assert lin.input_scale.item() == stored["model.layers.1.mlp.down_proj.input_scale"].item()
     with pytest.raises(InfqError, match="FP8 weights are written as compressed-tensors"):
         convert_checkpoint(ConvertRequest(str(tmp_path / "ct"), "gptq", str(tmp_path / "g")))
+
+
+def test_compressed_tensors_library_decodes_our_fp8() -> None:
+    """Peer oracle, when installed (pip install compressed-tensors): its config validation accepts what
+    we write and its float-quantized decompressor returns our weights (it multiplies in the fp16 scale
+    dtype, so it equals our exact fp32 weights rounded to fp16)."""
+    pytest.importorskip("compressed_tensors")
+    try:
+        from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        pytest.skip("this test uses the compressed-tensors >= 0.19 compressor API")
+    for ws, act in (("tensor", "static"), ("channel", "dynamic")):
+        config = _config(ws, act)
+        scheme = QuantizationConfig.model_validate(ct_quantization_config(config)).config_groups["group_0"]
+        qt, _ = quantize_fp8(torch.randn(20, 64).half(), _stats(64, 5.0), config)
+        t = quantized_tensor_to_fp8(qt, None, config, "compressed-tensors")
+        out = FloatQuantizationCompressor.decompress(dict(t), scheme)["weight"]
+        assert out.dtype == torch.float16 and torch.equal(out, qt.dequantize().half())  # ours, rounded to fp16
