@@ -265,7 +265,7 @@ def test_quantization_config_contents_and_round_trip() -> None:
     assert d2["checkpoint_format"] == "gptq_v2"  # asym defaults to v2 (v1 cannot store zero 0)
     assert parse_gptq_config(d2) == (asym, "gptq_v2")
     with pytest.raises(InfqError, match="use method gptq, rtn or awq"):
-        gptq_quantization_config(QuantConfig(method="fp8", bits=8))
+        gptq_quantization_config(QuantConfig(method="fp8", bits=8, group_size=-1))
 
 
 def test_parse_ecosystem_variants() -> None:

@@ -75,7 +75,7 @@ def test_scheme() -> None:
     with pytest.raises(InfqError, match="kind"):
         QuantScheme(bits=4, group_size=128, kind="nf4")
     with pytest.raises(InfqError, match="no integer scheme"):
-        QuantScheme.from_config(QuantConfig(method="fp8", bits=8))
+        QuantScheme.from_config(QuantConfig(method="fp8", bits=8, group_size=-1))
 
 
 def _tiny_qt() -> QuantizedTensor:
