@@ -159,6 +159,7 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     ctx = CalibrationContext(cfg, HFWeights(ckpt), _driver_config(config), fn, device=torch.device(req.device),
                              store_dtype=_HALF.get(cfg.torch_dtype), transform=_transform(config.method))
     ctx.on_linear = _linear_progress(bar, cfg.num_layers, len(done))
+    ctx.spill_dir = stage_dir  # on the output's disk: activations wait there while big Hessians are solved
     for result in calibrate(ctx, windows, done):
         stage.save(result)
         del result  # staged on disk; the next block must not find its codes still resident

@@ -17,14 +17,18 @@ biases) in `BlockResult.dense`, and feeds the next block the full-precision bloc
 
 from __future__ import annotations
 
+import ctypes
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from infq.errors import InfqError
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor
 from infq.runtime.arch import ModelConfig
 from infq.runtime.linear import DequantLinear
@@ -125,6 +129,12 @@ class CalibrationContext:
     batch_tokens: int = 512  # tokens per forward chunk: bounds the MLP/attention transients
     on_linear: Callable[[int, str, dict[str, float]], None] | None = None
     transform: TransformFn | None = None  # block-level rewrite before quantization (AWQ)
+    # Folder (on disk, next to the output) where the calibration activations wait while a group
+    # with a Hessian of at least SPILL_HESSIAN_BYTES is solved; None: they stay in memory.
+    spill_dir: Path | None = None
+
+
+SPILL_HESSIAN_BYTES = 64 << 20  # in >= 4096: the MLP down projections of 1B+ models
 
 
 def embed_windows(ctx: CalibrationContext, windows: Tensor) -> Tensor:
@@ -133,14 +143,17 @@ def embed_windows(ctx: CalibrationContext, windows: Tensor) -> Tensor:
     return torch.nn.functional.embedding(windows, table).to(ctx.device, ctx.store_dtype or ctx.dtype)
 
 
-def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: Tensor | None) -> None:
+def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: Tensor | None,
+         on_chunk: Callable[[int], None] | None = None) -> None:
     """Run `block` over h (n, T, C) in chunks of `batch` windows (computed in the rope's dtype),
     into `out` when given (`out` may be h itself: windows are independent, so each chunk is
     overwritten only after it was read); a chunk whose forward an observer cut short (`_Stop`)
-    simply ends there."""
+    simply ends there. `on_chunk(tokens)` is told each chunk's size before its forward."""
     cos, sin = rope
     for s in range(0, h.shape[0], batch):
         b = min(batch, h.shape[0] - s)
+        if on_chunk is not None:
+            on_chunk(b * h.shape[1])
         try:
             y = block(h[s : s + b].to(cos.dtype), cos[:b], sin[:b])
         except _Stop:
@@ -172,8 +185,8 @@ def release_memory() -> None:
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 
 
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of `threshold` bytes or more with its own mmap, returned to the OS
+def map_large_allocations(threshold: int = 256 << 10) -> None:
+    """Serve every allocation of `threshold` bytes (256 KiB) or more with its own mmap, returned to the OS
     when freed. glibc otherwise raises its mmap threshold each time a large block is freed (up
     to 32 MiB), after which the per-block transients (activation chunks, weight slices, GPTQ
     panels) are carved from the heap and fragment it: measured on a 1.1B model, ~50 MiB more
@@ -183,17 +196,53 @@ def map_large_allocations(threshold: int = 1 << 20) -> None:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+class _Spilled:
+    """A CPU tensor's bytes parked in an unnamed file in `directory` and its memory freed, until
+    `restore()` reads them back into the same tensor. The calibration activations (32 MiB for a
+    1.1B model at 16 x 512 tokens, GiBs at full calibration size) wait on disk this way while
+    a large Hessian is factored and solved, so the two never add up in memory."""
+
+    def __init__(self, t: Tensor, directory: Path) -> None:
+        assert t.device.type == "cpu" and t.is_contiguous()
+        self.t, self.storage = t, t.untyped_storage()
+        self.nbytes = self.storage.nbytes()
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed in restore)
+        self.file.write(self._view())
+        self.file.flush()
+        self.storage.resize_(0)
+
+    def _view(self) -> memoryview:
+        return memoryview((ctypes.c_char * self.nbytes).from_address(self.storage.data_ptr())).cast("B")
+
+    def restore(self) -> None:
+        self.storage.resize_(self.nbytes)
+        self.file.seek(0)
+        got = self.file.readinto(self._view())
+        self.file.close()
+        if got != self.nbytes:
+            raise InfqError(f"the calibration activations parked in {self.file.name} came back short; "
+                            "check the free disk space next to --out")
+
+
 class _Unloaded(torch.nn.Module):
-    """Stands in for a linear whose weights were dropped while its inputs are observed (the
-    observer stops the forward before it is reached): at the down_proj statistics pass of a
-    1.1B model that keeps 22 MiB of fp16 weights out of the peak, next to the 121 MiB Hessian."""
+    """Stands in for a linear whose weights were dropped while its inputs are observed: at the
+    down_proj statistics pass of a 1.1B model that keeps 22 MiB of fp16 weights out of the
+    peak, next to the 121 MiB Hessian."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        raise RuntimeError("an unloaded linear was run; the observer should have stopped the forward")
+        # Reached only inside a statistics pass when the MLP runs in token slices: the observer
+        # stops the forward at the last slice, and what earlier slices compute after the
+        # observed input never reaches a statistic (the block's output is discarded).
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+# Tokens per MLP pass during statistics passes: the (tokens, intermediate) gate/up outputs stay at
+# 2.75 MiB each for TinyLlama (11 MiB at a 512-token chunk) while the down_proj Hessian is resident.
+OBSERVE_MLP_TOKENS = 128
 
 
 class _Stop(Exception):
@@ -201,18 +250,28 @@ class _Stop(Exception):
 
 
 def _observe(block: Block, roles: tuple[str, ...], need: frozenset[str], h: Tensor, rope, batch: int) -> dict[str, LayerStats]:
-    """Statistics of the input shared by `roles`, from forwards cut short at the first of them."""
+    """Statistics of the input shared by `roles`, from forwards cut short at the first of them
+    once it has seen all of the chunk's tokens (the MLP runs OBSERVE_MLP_TOKENS at a time)."""
     stats = LayerStats(block.linears[roles[0]].in_features)
+    left = [0]  # tokens of the current chunk the observed linear has not seen yet
+
+    def start(tokens: int) -> None:
+        left[0] = tokens
 
     def hook(_module, args):
-        stats.add_batch(args[0], need)
-        raise _Stop
+        x = args[0]
+        stats.add_batch(x, need)
+        left[0] -= x.numel() // x.shape[-1]
+        if left[0] <= 0:
+            raise _Stop
 
     handle = block.linears[roles[0]].register_forward_pre_hook(hook)
+    block.mlp_tokens = OBSERVE_MLP_TOKENS
     try:
-        _run(block, h, rope, batch, None)
+        _run(block, h, rope, batch, None, on_chunk=start)
     finally:
         handle.remove()
+        block.mlp_tokens = None
     stats.finish()
     return dict.fromkeys(roles, stats)  # one input, one set of statistics; methods never mutate it
 
@@ -238,7 +297,6 @@ def _to(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
     return QuantizedTensor(**parts, scheme=qt.scheme, shape=qt.shape)
 
 
-@torch.inference_mode()
 def calibrate(
     ctx: CalibrationContext, windows: Tensor | None, done: list[BlockResult] | None = None
 ) -> Iterator[BlockResult]:
@@ -248,38 +306,52 @@ def calibrate(
     `done` holds the results of blocks 0..k-1 from an interrupted run: those blocks are rebuilt
     with their quantized weights and only run forward (to rebuild the activations), then
     quantization continues at block k exactly as the uninterrupted run would have.
+    The work runs in inference mode, entered per block and left before each yield (not as a
+    decorator on this generator: torch's generator wrapper keeps the last yielded value alive
+    until the next one is ready, i.e. a block's codes resident through the next block).
     """
     done = done or []
-    cfg, arch, config = ctx.cfg, ctx.cfg.arch, ctx.config
+    cfg, config = ctx.cfg, ctx.config
     need = METHOD_STATS[config.method]
     batch = max(1, ctx.batch_tokens // windows.shape[1]) if windows is not None else 1
     h = rope = None
-    store = ctx.store_dtype or ctx.dtype
     if need:
         assert windows is not None
-        h = embed_windows(ctx, windows)  # (n, T, C), each block's outputs overwrite its inputs
-        positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(batch, len(windows)), -1)
-        rope = Rope(cfg)(positions, ctx.dtype)  # (b, T, d) each
+        with torch.inference_mode():
+            h = embed_windows(ctx, windows)  # (n, T, C), each block's outputs overwrite its inputs
+            positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(batch, len(windows)), -1)
+            rope = Rope(cfg)(positions, ctx.dtype)  # (b, T, d) each
     for i in range(cfg.num_layers):
-        start = time.perf_counter()
-        block = build_block(cfg, ctx.source, i, store, ctx.device)
-        if i < len(done):
-            if need:
-                if ctx.transform is None:  # the next block saw the quantized block's outputs
-                    _replay(block, done[i], ctx.device)
-                _run(block, h, rope, batch, h)
-            del block  # else it stays alive while the next one is built
-            continue
-        if ctx.transform is not None:
-            assert h is not None and rope is not None
-            result = _transform_block(ctx, block, h, rope, batch)
-            _run(block, h, rope, batch, h)  # full-precision outputs feed the next block
-            result.seconds = time.perf_counter() - start
-            del block
-            release_memory()
+        result = _calibrate_block(ctx, i, done[i] if i < len(done) else None, need, h, rope, batch)
+        if result is not None:
             yield result
-            del result  # the caller has it (staged): do not hold a block's codes into the next block
-            continue
+        del result  # the caller has it (staged): do not hold a block's codes into the next block
+    if config.lm_head and len(done) <= cfg.num_layers:
+        with torch.inference_mode():
+            head = _quantize_head(ctx, h, need, batch)
+        yield head
+
+
+@torch.inference_mode()
+def _calibrate_block(ctx: CalibrationContext, i: int, earlier: BlockResult | None, need: frozenset[str],
+                     h: Tensor | None, rope: tuple[Tensor, Tensor] | None, batch: int) -> BlockResult | None:
+    """Block i: quantized (its result), or, when `earlier` holds its result from an interrupted
+    run, only run forward to rebuild the next block's inputs (None). `h` is overwritten with the
+    block's outputs."""
+    cfg, arch, config = ctx.cfg, ctx.cfg.arch, ctx.config
+    start = time.perf_counter()
+    block = build_block(cfg, ctx.source, i, ctx.store_dtype or ctx.dtype, ctx.device)
+    if earlier is not None:
+        if need:
+            if ctx.transform is None:  # the next block saw the quantized block's outputs
+                _replay(block, earlier, ctx.device)
+            _run(block, h, rope, batch, h)
+        return None
+    if ctx.transform is not None:
+        assert h is not None and rope is not None
+        result = _transform_block(ctx, block, h, rope, batch)
+        _run(block, h, rope, batch, h)  # full-precision outputs feed the next block
+    else:
         result = BlockResult(i, {})
         for roles in arch.sequential:
             todo = tuple(r for r in roles if not config.is_skipped(arch.linear_name(i, r)))
@@ -287,13 +359,10 @@ def calibrate(
                 _quantize_group(ctx, block, todo, need, h, rope, batch, result)
         if need:
             _run(block, h, rope, batch, h)
-        result.seconds = time.perf_counter() - start
-        del block
-        release_memory()
-        yield result
-        del result  # the caller has it (staged): do not hold a block's codes into the next block
-    if config.lm_head and len(done) <= cfg.num_layers:
-        yield _quantize_head(ctx, h, need, batch)
+    result.seconds = time.perf_counter() - start
+    del block
+    release_memory()
+    return result
 
 
 def _quantize_group(ctx: CalibrationContext, block: Block, todo: tuple[str, ...], need: frozenset[str],
@@ -301,7 +370,7 @@ def _quantize_group(ctx: CalibrationContext, block: Block, todo: tuple[str, ...]
     """Observe the inputs of a group of linears that share them, quantize each, and put the
     quantized linears into the block. Its own frame: nothing of the group (weights, Hessian,
     codes) outlives it except what `block` and `result` hold."""
-    i, arch, config = block.index, ctx.cfg.arch, ctx.config
+    i, arch = block.index, ctx.cfg.arch
     stats: dict[str, LayerStats] = {}
     if need:  # the group's own weights are not read by its observation: off for now
         shapes = {r: (block.linears[r].in_features, block.linears[r].out_features) for r in todo}
@@ -312,7 +381,24 @@ def _quantize_group(ctx: CalibrationContext, block: Block, todo: tuple[str, ...]
         store = ctx.store_dtype or ctx.dtype
         for r in todo:  # read again from the checkpoint, next to the statistics
             block.linears[r] = ctx.source.linear(arch.linear_name(i, r), store, ctx.device)
+    spill = None
+    big = max((st.hessian.numel() * st.hessian.element_size() for st in stats.values() if st.hessian is not None),
+              default=0)
+    if h is not None and ctx.spill_dir is not None and big >= SPILL_HESSIAN_BYTES:
+        spill = _Spilled(h, ctx.spill_dir)  # the solves do not read the activations
     release_memory()
+    try:
+        _solve_group(ctx, block, todo, need, stats, result)
+    finally:
+        stats.clear()  # the Hessians go before the activations come back
+        if spill is not None:
+            spill.restore()
+
+
+def _solve_group(ctx: CalibrationContext, block: Block, todo: tuple[str, ...], need: frozenset[str],
+                 stats: dict[str, LayerStats], result: BlockResult) -> None:
+    """Quantize each linear of the group with its statistics; the block gets the quantized ones."""
+    i, arch, config = block.index, ctx.cfg.arch, ctx.config
     for role in todo:
         name = arch.linear_name(i, role)
         lin = block.linears[role]

@@ -112,10 +112,10 @@ def quantize_gptq(
 
 
 # Output rows are solved a slice at a time (rows are independent given H⁻¹): a float32 slice of W
-# of at most ~ROW_BYTES (16 MiB: 744 rows of TinyLlama's down_proj, all 2048 rows of a 2048-wide
+# of at most ~ROW_BYTES (8 MiB: 372 rows of TinyLlama's down_proj, 1024 rows of a 2048-wide
 # input), few enough slices that the per-column Python loop is not repeated often.
-ROW_BYTES = 16 << 20
-PANEL = 256  # block size of the in-place factorization
+ROW_BYTES = 8 << 20
+PANEL = 128  # block size of the in-place factorization and of the error report's row and column panels (transients of (in, PANEL) floats: 2.75 MiB at in = 5632)
 
 
 def _checked_inputs(weight: Tensor, stats: LayerStats) -> Tensor:

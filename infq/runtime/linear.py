@@ -64,7 +64,7 @@ class DequantLinear(nn.Module):
         return linear_by_rows(x, lambda rows: self.qt.dequantize(x.dtype, rows), self.out_features, b)
 
 
-ROW_CHUNK_BYTES = 8 << 20  # weight rows converted to the compute dtype per product
+ROW_CHUNK_BYTES = 4 << 20  # weight rows converted to the compute dtype per product
 
 
 def linear_by_rows(x: Tensor, rows: Callable[[slice], Tensor], out_features: int, bias: Tensor | None) -> Tensor:

@@ -117,6 +117,9 @@ class Block(nn.Module):
         self.linears = nn.ModuleDict(linears)  # role -> linear (q k v o gate up down)
         self.input_norm = nn.Parameter(norms["input_norm"], requires_grad=False)
         self.post_norm = nn.Parameter(norms["post_norm"], requires_grad=False)
+        # When set, the MLP runs this many tokens at a time: its (tokens, intermediate) transients
+        # stay small (the calibration driver's statistics passes, next to a large Hessian).
+        self.mlp_tokens: int | None = None
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         cfg, lin = self.cfg, self.linears
@@ -152,6 +155,21 @@ class Block(nn.Module):
         lin = self.linears
         if torch.is_grad_enabled():
             return lin["down"](F.silu(lin["gate"](x)) * lin["up"](x))
+        tokens = x.numel() // x.shape[-1]
+        if self.mlp_tokens is None or tokens <= self.mlp_tokens:
+            return self._mlp(x)
+        flat = x.reshape(tokens, x.shape[-1])  # (N, C): the MLP is per token
+        out = None
+        for s in range(0, tokens, self.mlp_tokens):
+            y = self._mlp(flat[s : s + self.mlp_tokens])  # (n, C)
+            if out is None:
+                out = y.new_empty(tokens, y.shape[-1])
+            out[s : s + y.shape[0]] = y
+        assert out is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        lin = self.linears
         g = F.silu(lin["gate"](x), inplace=True)  # (…, F) one buffer for the activation and the product
         return lin["down"](g.mul_(lin["up"](x)))
 
