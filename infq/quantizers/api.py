@@ -156,8 +156,9 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     fp = fingerprint(hf_config, weight_paths(src), {**config.to_dict(), "seed": req.seed}, windows)
     stage = Stage(stage_dir, fp)
     done = stage.start(req.resume)
-    ctx = CalibrationContext(cfg, HFWeights(ckpt), _driver_config(config), fn, device=torch.device(req.device),
-                             store_dtype=_HALF.get(cfg.torch_dtype), transform=_transform(config.method))
+    ctx = CalibrationContext(cfg, HFWeights(ckpt), config, fn, device=torch.device(req.device),
+                             store_dtype=_HALF.get(cfg.torch_dtype), transform=_transform(config.method),
+                             stats=None if needs_calibration(config) else frozenset())
     ctx.on_linear = _linear_progress(bar, cfg.num_layers, len(done))
     ctx.spill_dir = stage_dir  # on the output's disk: activations wait there while big Hessians are solved
     for result in calibrate(ctx, windows, done):
@@ -216,17 +217,6 @@ def needs_calibration(config: QuantConfig) -> bool:
     if config.method == "fp8":
         return config.act_scheme == "static"
     return config.method != "rtn"
-
-
-def _driver_config(config: QuantConfig) -> QuantConfig:
-    """The config the calibration driver sees. The driver picks its observers by method
-    (METHOD_STATS); FP8 without static scales needs none, so it runs in the driver's no-statistics
-    mode, the one RTN uses (the FP8 function reads only weight_scale / act_scheme from it)."""
-    from dataclasses import replace
-
-    if config.method == "fp8" and not needs_calibration(config):
-        return replace(config, method="rtn")
-    return config
 
 
 def _linear_progress(bar: Any, blocks: int, done: int) -> Callable[[int, str, dict[str, float]], None] | None:

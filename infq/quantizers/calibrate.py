@@ -132,6 +132,9 @@ class CalibrationContext:
     # Folder (on disk, next to the output) where the calibration activations wait while a group
     # with a Hessian of at least SPILL_HESSIAN_BYTES is solved; None: they stay in memory.
     spill_dir: Path | None = None
+    # Statistics to collect; None: the method's own (METHOD_STATS). FP8 without static activation
+    # scales passes an empty set: its weights quantize on their own, with no forward passes.
+    stats: frozenset[str] | None = None
 
 
 SPILL_HESSIAN_BYTES = 64 << 20  # in >= 4096: the MLP down projections of 1B+ models
@@ -312,7 +315,7 @@ def calibrate(
     """
     done = done or []
     cfg, config = ctx.cfg, ctx.config
-    need = METHOD_STATS[config.method]
+    need = METHOD_STATS[config.method] if ctx.stats is None else ctx.stats
     batch = max(1, ctx.batch_tokens // windows.shape[1]) if windows is not None else 1
     h = rope = None
     if need:
