@@ -40,8 +40,9 @@ def quantize_act(x: Tensor, act: str, input_scale: Tensor | None) -> tuple[Tenso
 
 
 def fp8_linear_ref(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act: str,
-                   input_scale: Tensor | None = None) -> Tensor:
-    """Reference FP8 linear in float32 from the quantized operands; returns x's dtype (..., N)."""
+                   input_scale: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
+    """Reference FP8 linear in float32 from the quantized operands; returns x's dtype (..., N).
+    `weight`: codes * w_scale in float32 computed earlier (the CPU runtime keeps it; exact)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, K)
     if act == "none":
@@ -49,7 +50,7 @@ def fp8_linear_ref(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | Non
     else:
         x8, s = quantize_act(x2, act, input_scale)
         xq = x8.to(torch.float32) * s  # (M, K), exact in fp32
-    w = codes.to(torch.float32) * w_scale.to(torch.float32)  # (N, K)
+    w = weight if weight is not None else codes.to(torch.float32) * w_scale.to(torch.float32)  # (N, K)
     y = F.linear(xq, w, None if bias is None else bias.to(torch.float32))  # (M, N)
     return y.to(x.dtype).reshape(*shape[:-1], codes.shape[0])
 

@@ -111,6 +111,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("input_scale", act_scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # (out,)
         self.act, self.per_tensor = act, per_tensor
+        self._decoded: Tensor | None = None  # float32 codes * scales, kept after the first CPU call
 
     @property
     def in_features(self) -> int:
@@ -132,6 +133,11 @@ class Fp8Linear(nn.Module):
                 and fp8.scaled_mm_shapes_ok(self.codes, x.dtype, tensor_wise)):
             return fp8.fp8_linear_scaled_mm(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
                                             w_per_tensor=self.per_tensor)
+        if x.device.type == "cpu":  # the fast CPU path: weights decoded once (exact), activations per call
+            if self._decoded is None:
+                self._decoded = self.weight
+            return fp8.fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
+                                      weight=self._decoded)
         return fp8.fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale)
 
 
