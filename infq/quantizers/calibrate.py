@@ -166,7 +166,6 @@ def _run(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], batch: int, out: 
 
 
 def _libc():  # glibc, or None elsewhere
-    import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
