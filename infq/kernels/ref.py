@@ -1,0 +1,135 @@
+"""Plain-PyTorch oracles for every kernel, also the CPU fallbacks.
+
+Each function here states the contract its Triton twin implements (shapes, dtypes, layouts); the
+tests compare the Triton kernels under `TRITON_INTERPRET=1` (and compiled, on a GPU) with these.
+Attention layouts follow vLLM / flash-attn so the runtime and the kernels share one vocabulary:
+
+- packed varlen sequences: q (total_q, H, D), k/v (total_k, Hkv, D) with `cu_seqlens` int32 offsets;
+- the paged KV cache of one layer: k_cache/v_cache (num_blocks, block_size, Hkv, D); a sequence's
+  block table is a row of int32 block ids (unused entries -1); token t of the sequence lives at
+  block_table[t // block_size], slot t % block_size;
+- quantized KV (int8 / fp8 e4m3): one float32 scale per (block, slot, kv head), in tensors
+  k_scale/v_scale (num_blocks, block_size, Hkv); value = code * scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def _expand_kv(k: Tensor, n_heads: int) -> Tensor:
+    """(T, Hkv, D) -> (T, H, D) by repeating each kv head for its query group (GQA)."""
+    rep = n_heads // k.shape[1]
+    return k if rep == 1 else k.repeat_interleave(rep, dim=1)
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
+    """One sequence: q (Tq, H, D), k/v (Tk, Hkv, D) -> (Tq, H, D), softmax in fp32.
+
+    Causal masks are bottom-right aligned (query i sits at key position Tk - Tq + i), as in
+    flash-attn: a chunk of new tokens attends to the whole cached prefix and causally to itself."""
+    tq, n_heads, d = q.shape
+    tk = k.shape[0]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    kf, vf = _expand_kv(k, n_heads).float(), _expand_kv(v, n_heads).float()
+    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale  # (H, Tq, Tk)
+    if causal:
+        qpos = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        s = s.masked_fill(torch.arange(tk, device=q.device)[None, :] > qpos, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, vf).to(q.dtype)  # (Tq, H, D)
+
+
+def flash_attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                               causal: bool = True, scale: float | None = None) -> Tensor:
+    """Packed variable-length sequences: q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_*
+    (B+1,) int32 -> (total_q, H, D). Sequence b is rows cu[b]:cu[b+1] of each."""
+    out = torch.empty_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        if cq[b + 1] > cq[b]:
+            out[cq[b]:cq[b + 1]] = attention_ref(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
+                                                 causal, scale)
+    return out
+
+
+def quantize_kv_ref(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-(token, head) symmetric quantization of K or V rows: x (T, Hkv, D) -> codes (T, Hkv, D)
+    in `dtype` (int8 or float8_e4m3fn) and float32 scales (T, Hkv)."""
+    qmax = KV_QMAX[dtype]
+    amax = x.float().abs().amax(dim=-1)  # (T, Hkv)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    y = x.float() / scale[..., None]
+    codes = y.round().clamp(-qmax, qmax).to(dtype) if dtype == torch.int8 else y.clamp(-qmax, qmax).to(dtype)
+    return codes, scale
+
+
+def write_kv_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                 k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+    """Store new tokens' K/V (T, Hkv, D) into the paged cache at flat slots `slot_mapping` (T,)
+    int64 = block * block_size + offset; quantizes when the cache dtype is int8/fp8 (scales into
+    k_scale/v_scale (num_blocks, block_size, Hkv))."""
+    nb, bs = k_cache.shape[:2]
+    kc, vc = k_cache.view(nb * bs, *k_cache.shape[2:]), v_cache.view(nb * bs, *v_cache.shape[2:])
+    if k_cache.dtype in KV_QMAX:
+        assert k_scale is not None and v_scale is not None, "a quantized KV cache needs scale tensors"
+        kq, ks = quantize_kv_ref(k, k_cache.dtype)
+        vq, vs = quantize_kv_ref(v, v_cache.dtype)
+        kc[slot_mapping], vc[slot_mapping] = kq, vq
+        k_scale.view(nb * bs, -1)[slot_mapping] = ks
+        v_scale.view(nb * bs, -1)[slot_mapping] = vs
+    else:
+        kc[slot_mapping], vc[slot_mapping] = k.to(kc.dtype), v.to(vc.dtype)
+
+
+def gather_kv_ref(cache: Tensor, block_table: Tensor, seq_len: int, scale: Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """The first `seq_len` tokens of one sequence from a paged cache: (seq_len, Hkv, D) in `dtype`,
+    dequantized when `scale` (num_blocks, block_size, Hkv) is given."""
+    bs = cache.shape[1]
+    n = -(-seq_len // bs)
+    blocks = block_table[:n].long()
+    x = cache[blocks].reshape(n * bs, *cache.shape[2:])[:seq_len]  # (seq_len, Hkv, D)
+    if scale is None:
+        return x.to(dtype)
+    s = scale[blocks].reshape(n * bs, -1)[:seq_len]  # (seq_len, Hkv)
+    return (x.float() * s[..., None]).to(dtype)
+
+
+def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                        scale: float | None = None, k_scale: Tensor | None = None,
+                        v_scale: Tensor | None = None) -> Tensor:
+    """Decode attention, one query token per sequence: q (B, H, D) attends to the first
+    seq_lens[b] cached tokens of sequence b (its own token included, already written) ->
+    (B, H, D). block_tables (B, max_blocks) int32, seq_lens (B,) int32."""
+    out = torch.empty_like(q)
+    for b, n in enumerate(seq_lens.tolist()):
+        k = gather_kv_ref(k_cache, block_tables[b], n, k_scale, torch.float32)
+        v = gather_kv_ref(v_cache, block_tables[b], n, v_scale, torch.float32)
+        out[b] = attention_ref(q[b:b + 1].float(), k, v, causal=False, scale=scale)[0].to(q.dtype)
+    return out
+
+
+def sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None) -> Tensor:
+    """One sequence through PyTorch's SDPA (the CPU fast path): q (Tq, H, D), k/v (Tk, Hkv, D) ->
+    (Tq, H, D), bottom-right causal like `attention_ref`."""
+    tq, n_heads, _ = q.shape
+    tk = k.shape[0]
+    qh = q.transpose(0, 1)  # (H, Tq, D)
+    kh, vh = _expand_kv(k, n_heads).transpose(0, 1), _expand_kv(v, n_heads).transpose(0, 1)  # (H, Tk, D)
+    if causal and tq > 1:
+        if tq == tk:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        else:
+            qpos = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+            mask = torch.arange(tk, device=q.device)[None, :] <= qpos  # (Tq, Tk) True = attend
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    return o.transpose(0, 1)  # (Tq, H, D)
