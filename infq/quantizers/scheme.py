@@ -8,8 +8,11 @@ codes (uint8, `(out, in)`), fp16 scales and int32 zero points per `(row, group)`
 `(codes - zeros[:, g_idx]) * scales[:, g_idx]`. Formats pack it, kernels repack it; nothing here
 knows about files or devices. Kind "fp8" holds float8_e4m3fn codes with one scale per output row
 (`(out, 1)`, all equal for a per-tensor scale) and an optional calibrated `input_scale`; its
-decoder `codes * scales` is here too. Limits: gguf kinds are described by the scheme but decoded by
-their own module.
+decoder `codes * scales` is here too. Kind "gguf:<TYPE>" (TYPE a GGML block type such as Q4_K, see
+`quantizers.kquants.BLOCK_TYPES`) holds the raw GGML block bytes as they lie in a GGUF file: codes
+uint8 `(out, in / block * type_size)`, no scales or zeros of its own (`(out, 0)` and None: they live
+inside the blocks), `g_idx` the block of every input channel; its `dequantize()` calls the kquants
+decoder (bit-identical to gguf-py's). Build one with `QuantizedTensor.from_gguf`.
 """
 
 from __future__ import annotations
@@ -176,11 +179,18 @@ class QuantScheme:
     bits: int
     group_size: int  # -1 = one group spanning the whole input dim
     sym: bool = True
-    kind: str = "int"  # "int", "fp8" (e4m3 codes, w = code * scale) or later "gguf:<type>"
+    kind: str = "int"  # "int", "fp8" (e4m3 codes, w = code * scale) or "gguf:<TYPE>" (GGML blocks)
 
     def __post_init__(self) -> None:
         if not (self.kind in ("int", "fp8") or self.kind.startswith("gguf:")):
             raise InfqError(f"scheme kind {self.kind!r} is unknown; use 'int', 'fp8' or 'gguf:<type>'")
+        if self.kind.startswith("gguf:"):
+            from infq.quantizers.kquants import block_type
+
+            t = block_type(self.kind[5:])  # InfqError naming the supported GGML types
+            if self.kind[5:] != t.name or self.group_size != t.block:
+                raise InfqError(f"scheme {self.kind} needs kind 'gguf:{t.name}' and group_size {t.block}; "
+                                "build it with QuantScheme.gguf")
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
             raise InfqError(f"scheme bits {self.bits} is invalid; use an integer in 1..8")
         if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
@@ -190,6 +200,21 @@ class QuantScheme:
     def maxq(self) -> int:
         """Largest code, 2^bits - 1."""
         return (1 << self.bits) - 1
+
+    @property
+    def ggml_type(self) -> str:
+        """GGML block type name of a gguf kind ('Q4_K'); '' for other kinds."""
+        return self.kind[5:] if self.kind.startswith("gguf:") else ""
+
+    @classmethod
+    def gguf(cls, qtype: str) -> QuantScheme:
+        """The scheme of GGML block type `qtype`: nominal bits from the name (Q4_K -> 4), the block
+        as group size, sym for the types without a min (Q8_0, Q4_0, Q5_0, Q3_K, Q6_K)."""
+        from infq.quantizers.kquants import block_type
+
+        t = block_type(qtype)
+        return cls(bits=int(t.name[1]), group_size=t.block, sym=t.name in ("Q8_0", "Q4_0", "Q5_0", "Q3_K", "Q6_K"),
+                   kind=f"gguf:{t.name}")
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> QuantScheme:
@@ -211,6 +236,9 @@ class QuantizedTensor:
                                    permuted assignment for act-order
     input_scale float32 () | None  kind "fp8" with static activations: the calibrated per-tensor
                                    activation scale (x ~ x8 * input_scale)
+
+    Kind "gguf:<TYPE>": codes uint8 (out, in / block * type_size) are the GGML block bytes of
+    each row, scales an empty (out, 0), zeros None, g_idx int32 (in,) the block of each channel.
     """
 
     codes: torch.Tensor
@@ -223,6 +251,9 @@ class QuantizedTensor:
 
     def __post_init__(self) -> None:
         out, inp = self.shape
+        if self.scheme.kind.startswith("gguf:"):
+            self._check_gguf()
+            return
         if tuple(self.codes.shape) != (out, inp):
             raise ValueError(f"codes shape {tuple(self.codes.shape)} != {self.shape}")
         if self.scales.dim() != 2 or self.scales.shape[0] != out:
@@ -255,6 +286,39 @@ class QuantizedTensor:
         if self.input_scale is not None and self.input_scale.numel() != 1:
             raise ValueError(f"input_scale must hold one value, got shape {tuple(self.input_scale.shape)}")
 
+    def _check_gguf(self) -> None:
+        from infq.quantizers.kquants import block_type
+
+        t = block_type(self.scheme.ggml_type)
+        out, inp = self.shape
+        if inp % t.block:
+            raise ValueError(f"{t.name} rows hold multiples of {t.block} values, not {inp}")
+        row_bytes = inp // t.block * t.nbytes
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != (out, row_bytes):
+            raise ValueError(f"{t.name} codes must be uint8 ({out}, {row_bytes}), got "
+                             f"{self.codes.dtype} {tuple(self.codes.shape)}")
+        if tuple(self.scales.shape) != (out, 0) or self.zeros is not None:
+            raise ValueError("gguf tensors keep scales inside their blocks: scales (out, 0), zeros None")
+        if tuple(self.g_idx.shape) != (inp,) or self.g_idx.dtype != torch.int32:
+            raise ValueError(f"g_idx must be int32 ({inp},)")
+
+    @classmethod
+    def from_gguf(cls, data: Any, qtype: str, shape: tuple[int, int]) -> QuantizedTensor:
+        """Wrap GGML block bytes (uint8 (out, in / block * type_size), numpy or torch) of type `qtype`
+        and logical shape (out, in); the bytes are shared, not copied, where possible."""
+        scheme = QuantScheme.gguf(qtype)
+        out, inp = int(shape[0]), int(shape[1])
+        codes = torch.as_tensor(data)
+        if codes.dtype != torch.uint8:
+            raise InfqError(f"{scheme.ggml_type} data must be bytes (uint8), got {codes.dtype}")
+        codes = codes.reshape(out, -1) if codes.numel() and out else codes.reshape(out, 0)
+        g_idx = (torch.arange(inp, device=codes.device) // scheme.group_size).to(torch.int32)
+        try:
+            return cls(codes=codes, scales=torch.empty(out, 0, dtype=torch.float16, device=codes.device),
+                       zeros=None, g_idx=g_idx, scheme=scheme, shape=(out, inp))
+        except ValueError as exc:
+            raise InfqError(f"{scheme.ggml_type} tensor of shape {(out, inp)}: {exc}; the data or shape is wrong") from exc
+
     @property
     def n_groups(self) -> int:
         return int(self.scales.shape[1])
@@ -267,6 +331,11 @@ class QuantizedTensor:
             rows = rows or slice(None)
             w = self.codes[rows].to(torch.float32)  # (r, in)
             return w.mul_(self.scales[rows].to(torch.float32)).to(dtype)
+        if self.scheme.kind.startswith("gguf:"):
+            from infq.quantizers.kquants import dequantize
+
+            blocks = self.codes[rows or slice(None)]  # (r, in / block * type_size) uint8
+            return dequantize(blocks.cpu(), self.scheme.ggml_type, self.shape[1]).to(blocks.device, dtype)
         if self.scheme.kind != "int" or self.zeros is None:
             raise NotImplementedError(f"dequantize of kind {self.scheme.kind!r} lives in its format module")
         rows = rows or slice(None)
@@ -293,6 +362,8 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes of the packed form: codes and zeros at `bits` each, scales as fp16; g_idx excluded."""
         out, inp = self.shape
+        if self.scheme.kind.startswith("gguf:"):  # the blocks hold everything
+            return self.codes.numel()
         if self.scheme.kind == "fp8":  # codes + scales as stored (a per-tensor scale is counted per row)
             return out * inp + self.scales.numel() * self.scales.element_size()
         groups = out * self.n_groups
