@@ -133,3 +133,31 @@ def sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float 
     else:
         o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
     return o.transpose(0, 1)  # (Tq, H, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused small ops (RMSNorm with residual add, SiLU-gate multiply, rotary embedding): the oracles of
+# kernels/fused.py, written as runtime/model.py computes them (each op in the input's dtype, RMSNorm's
+# statistics in fp32).
+# ------------------------------------------------------------------------------------------------
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float,
+                 residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """x (..., C), weight (C,) -> weight * normalize(x) (..., C). With `residual` (..., C) the sum
+    h = x + residual (in x's dtype) is normalized and (out, h) is returned, h being the next residual."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    out = weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return out if residual is None else (out, h)
+
+
+def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's gate: silu(gate) * up, both (..., F)."""
+    return F.silu(gate) * up
+
+
+def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Neox-style (half-rotate) rotary embedding: x (T, H, D), cos/sin (T, D) with the two halves
+    equal (runtime.model.Rope's tables) -> x * cos + rotate_half(x) * sin (T, H, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
