@@ -7,8 +7,8 @@ demand: with `resident=True` every block is built once at load; with `resident=F
 built from the (memory-mapped) source when the forward reaches it and dropped after, so a model
 larger than RAM can still be scored. The calibration driver uses the same pieces (`embed`,
 `load_block`, `rope`, `head`) to walk blocks one at a time. A simple contiguous `LayerCache` serves
-single-stream generation; the paged cache and batching engine arrive with the runtime issue behind
-the same `Block.forward(h, cos, sin, cache)` call.
+single-stream generation (eval, calibration); the engine's paged KV cache comes in through the same
+`Block.forward(h, cos, sin, cache)` call as a `PagedCache` layer (`forward_paged`).
 """
 
 from __future__ import annotations
@@ -89,6 +89,12 @@ def _inv_freq(cfg: ModelConfig, base: float, scale: bool = True) -> Tensor:
     return inv
 
 
+class PagedCache(Protocol):
+    """One layer of the paged KV cache for one engine step (runtime.attention.PagedLayer)."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor: ...
+
+
 class LayerCache:
     """Contiguous per-layer K/V for one batch (the paged cache replaces it in the engine)."""
 
@@ -121,7 +127,7 @@ class Block(nn.Module):
         # stay small (the calibration driver's statistics passes, next to a large Hessian).
         self.mlp_tokens: int | None = None
 
-    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | PagedCache | None = None) -> Tensor:
         cfg, lin = self.cfg, self.linears
         B, T, _ = x.shape
         q = lin["q"](x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, d)
@@ -130,6 +136,10 @@ class Block(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None and not isinstance(cache, LayerCache):
+            # The paged path (runtime.attention.PagedLayer): B = 1, T = every token of the step.
+            out = cache.attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), self.window)
+            return lin["o"](out.reshape(B, T, cfg.num_heads * cfg.head_dim))  # (N, H, d) -> (1, N, C)
         past = 0
         if cache is not None:
             past = cache.length
@@ -173,7 +183,7 @@ class Block(nn.Module):
         g = F.silu(lin["gate"](x), inplace=True)  # (…, F) one buffer for the activation and the product
         return lin["down"](g.mul_(lin["up"](x)))
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | PagedCache | None = None) -> Tensor:
         eps = self.cfg.rms_norm_eps
         h = h + self.attention(rms_norm(h, self.input_norm, eps), cos, sin, cache)
         return h + self.mlp(rms_norm(h, self.post_norm, eps))
@@ -250,3 +260,16 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, cache: list[LayerCache] | None = None) -> Tensor:
         return self.head(self.hidden(input_ids, cache))  # (B, T, V)
+
+    @torch.inference_mode()
+    def forward_paged(self, input_ids: Tensor, positions: Tensor, layers: list[PagedCache],
+                      logit_rows: Tensor) -> Tensor:
+        """One engine step over the flattened tokens of every scheduled request: input_ids and
+        positions (N,), `layers[i]` the paged attention of layer i (runtime.attention.PagedLayer);
+        returns logits (R, V) for the rows `logit_rows` (R,) only (the tokens to sample after)."""
+        h = self.embed(input_ids[None])  # (1, N, C)
+        cos, sin = self.rope(positions[None].to(self.device), self.dtype)  # (1, N, d)
+        for i in range(self.cfg.num_layers):
+            h = self.block(i)(h, cos, sin, layers[i])
+        h = h[0, logit_rows]  # (R, C)
+        return self.head(rms_norm(h, self.final_norm, self.cfg.rms_norm_eps))  # (R, V)

@@ -1,0 +1,247 @@
+"""The serving loop: schedule -> build the flattened batch -> one model pass -> sample -> update.
+
+`Engine` owns a `DecoderModel`, the block pool and KV tensors (`kv_cache.py`), and a `Scheduler`.
+Each `step()` runs the model once over every token the scheduler picked (decode tokens, prefill
+chunks, recomputation after preemption, all in one flattened batch with per-request positions
+and paged attention), samples the next token of each request that reached the end of its tokens
+(greedy, temperature, top-k, top-p; a `torch.Generator` per seeded request, so a request's text
+does not depend on what it was batched with), applies EOS / stop ids / stop strings / max tokens,
+and returns one `RequestOutput` per request that produced a token or finished. `stream()` yields
+those step by step; `generate()` runs a list of prompts to completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from infq.errors import InfqError
+from infq.runtime.attention import PagedLayer, build_batch, select_backend
+from infq.runtime.kv_cache import (
+    BlockPool,
+    KVCache,
+    block_bytes,
+    blocks_for_budget,
+    kv_storage_dtype,
+)
+from infq.runtime.model import DecoderModel
+from infq.runtime.sampling import SamplingParams, sample
+from infq.runtime.scheduler import Request, Scheduler, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_memory: int | None = None  # bytes for the KV pool; None: room for max_num_seqs full contexts (capped)
+    kv_dtype: str = "auto"  # auto (the model's dtype), int8, fp8
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    prefix_caching: bool = True
+    static: bool = False  # static batching (the benchmark's baseline)
+    attention: str = "auto"  # auto, torch, triton
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise InfqError(f"--block-size {self.block_size} must be at least 1 (16 is usual)")
+        if self.max_num_seqs < 1:
+            raise InfqError(f"--max-num-seqs {self.max_num_seqs} must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise InfqError(f"--max-batched-tokens {self.max_num_batched_tokens} must be at least 1")
+        if self.kv_memory is not None and self.kv_memory < 1:
+            raise InfqError(f"--kv-memory {self.kv_memory} must be positive")
+
+
+@dataclass
+class RequestOutput:
+    request_id: Any
+    new_token_ids: list[int]
+    token_ids: list[int]  # every output so far (the final outputs once finished)
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""  # decoded outputs so far (when the engine has a tokenizer)
+    new_text: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    tokens_per_s: float = 0.0
+    e2e_s: float = 0.0
+
+
+@dataclass
+class _Track:
+    """Engine-side state of a request: sampling, stop strings, timing, text."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop: tuple[str, ...]
+    arrival: float
+    first_token: float | None = None
+    text: str = ""
+    prefix: str = ""
+    final_text: str | None = None  # the text cut at a stop string
+    decode_times: list[float] = field(default_factory=list)
+
+
+AUTO_KV_CAP = 4 * 2**30
+
+
+class Engine:
+    def __init__(self, model: DecoderModel, config: EngineConfig | None = None, *, eos_ids: Sequence[int] = (),
+                 tokenizer: Any = None) -> None:
+        self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
+        cfg, c = model.cfg, self.config
+        self.eos_ids = frozenset(eos_ids)
+        self.max_model_len = cfg.max_position_embeddings
+        storage = kv_storage_dtype(c.kv_dtype, model.dtype)
+        budget = c.kv_memory
+        if budget is None:
+            full = c.max_num_seqs * -(-self.max_model_len // c.block_size) * block_bytes(cfg, c.block_size, storage)
+            budget = min(full, AUTO_KV_CAP)
+        num_blocks = blocks_for_budget(budget, cfg, c.block_size, storage)
+        self.pool = BlockPool(num_blocks, c.block_size, c.prefix_caching)
+        self.kv = KVCache(cfg, num_blocks, c.block_size, storage, model.device)
+        self.scheduler = Scheduler(self.pool, self.max_model_len, c.max_num_batched_tokens, c.max_num_seqs, c.static)
+        self.backend = select_backend(model.device, c.attention)
+        self.tracks: dict[Any, _Track] = {}
+        self._ids = itertools.count()
+        self.steps = 0
+        self.peak_running = 0
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, max_tokens: int = 16,
+                    *, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                    request_id: Any = None, arrival: float | None = None) -> Any:
+        """Queue a request; returns its id. One that can never run finishes with an error at the
+        next step (the others are not disturbed)."""
+        rid = next(self._ids) if request_id is None else request_id
+        if rid in self.tracks:
+            raise InfqError(f"request id {rid!r} is already in use")
+        params = params or SamplingParams()
+        stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_ids)
+        if stop and self.tokenizer is None:
+            raise InfqError("stop strings need a tokenizer; pass tokenizer= to the engine")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        now = time.perf_counter() if arrival is None else arrival
+        track = _Track(params, gen, tuple(stop), now)
+        if self.tokenizer is not None:
+            track.prefix = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+        self.tracks[rid] = track
+        self.scheduler.add(Request(rid, list(prompt_ids), max_tokens, stops, arrival=now))
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.scheduler.rejected)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(req, []) for req in self.scheduler.take_rejected()]
+        sched = self.scheduler.schedule()
+        self.peak_running = max(self.peak_running, len(self.scheduler.running))
+        if sched.num_tokens:
+            self.kv.copy_blocks(sched.copies)
+            reqs = {rid: self.scheduler.requests[rid] for rid in sched.num_tokens}
+            sampled = self._run(sched, list(reqs.values()))
+            self.steps += 1
+            finished = {r.request_id for r in self.scheduler.update(sched, sampled)}
+            now = time.perf_counter()
+            for rid, token in sampled.items():
+                req = reqs[rid]
+                if req.padding and rid not in finished:
+                    continue
+                track = self.tracks[rid]
+                if track.first_token is None:
+                    track.first_token = now
+                track.decode_times.append(now)
+                if track.stop and not req.finished:
+                    self._check_stop_strings(req, track)
+                outputs.append(self._output(req, [token]))
+        for out in outputs:
+            if out.finished:
+                del self.tracks[out.request_id]
+        return outputs
+
+    def _run(self, sched: SchedulerOutput, reqs: list[Request]) -> dict[Any, int]:
+        """Run the model over the scheduled tokens; the sampled token of each request at its end."""
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        sampling: list[Request] = []
+        for req in reqs:
+            s, n = req.num_computed, sched.num_tokens[req.request_id]
+            ids.extend(req.token_ids[s:s + n])
+            positions.extend(range(s, s + n))
+            if s + n == req.num_tokens:
+                rows.append(len(ids) - 1)
+                sampling.append(req)
+        dev = self.model.device
+        batch = build_batch([r.block_table for r in reqs], [r.num_computed for r in reqs],
+                            list(sched.num_tokens.values()), self.pool.block_size, dev)
+        layers = [PagedLayer(self.backend, self.kv, i, batch) for i in range(self.model.cfg.num_layers)]
+        logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                                          layers, torch.tensor(rows, dtype=torch.long, device=dev))  # (R, V)
+        return self._sample(logits, sampling)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[Any, int]:
+        """logits (R, V) -> {request id: token}; greedy rows at once, sampled rows one by one."""
+        greedy = logits.argmax(-1).tolist()
+        out = {}
+        for i, req in enumerate(reqs):
+            track = self.tracks[req.request_id]
+            if track.params.temperature == 0:
+                out[req.request_id] = greedy[i]
+            else:
+                out[req.request_id] = int(sample(logits[i:i + 1].float().cpu(), track.params, track.generator)[0])
+        return out
+
+    def _text(self, req: Request, ids: list[int]) -> str:
+        track = self.tracks[req.request_id]
+        return self.tokenizer.decode(req.prompt_ids + ids, skip_special_tokens=True)[len(track.prefix):]
+
+    def _check_stop_strings(self, req: Request, track: _Track) -> None:
+        text = self._text(req, req.token_ids[len(req.prompt_ids):])
+        hits = [text.find(s, max(0, len(track.text) - len(s))) for s in track.stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            self.scheduler.finish(req, "stop")
+            track.final_text = text[:min(hits)]  # the stop string itself is not part of the text
+
+    def _output(self, req: Request, new: list[int]) -> RequestOutput:
+        track = self.tracks[req.request_id]
+        ids = req.output_ids if req.finished else req.token_ids[len(req.prompt_ids):]
+        out = RequestOutput(req.request_id, new, list(ids), req.finished, req.finish_reason, req.error,
+                            prompt_tokens=len(req.prompt_ids), cached_tokens=req.num_cached_tokens)
+        if self.tokenizer is not None and req.error is None:
+            text = track.final_text if track.final_text is not None else self._text(req, list(ids))
+            if not req.finished and text.endswith("\ufffd"):  # an unfinished multi-byte character
+                text = track.text
+            out.new_text, out.text = text[len(track.text):] if text.startswith(track.text) else text, text
+            track.text = text
+        if track.first_token is not None:
+            out.ttft_s = track.first_token - track.arrival
+            last = track.decode_times[-1]
+            out.e2e_s = last - track.arrival
+            n = len(track.decode_times)
+            out.tokens_per_s = (n - 1) / (last - track.first_token) if n > 1 and last > track.first_token else 0.0
+        return out
+
+    # -- drivers ----------------------------------------------------------------------------------
+    def stream(self) -> Iterator[list[RequestOutput]]:
+        """Step until every queued request has finished, yielding each step's outputs."""
+        while self.has_unfinished():
+            yield self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+                 max_tokens: int = 16, **kwargs: Any) -> list[RequestOutput]:
+        """Run `prompts` together to completion; the final output of each, in order."""
+        ids = [self.add_request(p, params, max_tokens, **kwargs) for p in prompts]
+        final: dict[Any, RequestOutput] = {}
+        for outs in self.stream():
+            for o in outs:
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
