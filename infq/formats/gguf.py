@@ -7,7 +7,9 @@ each tensor with `quantizers.kquants` (norms and 1-D tensors stay F32), and writ
 complete. `read_gguf` checks the header against the file size before `gguf.GGUFReader` touches it
 (no allocation proportional to a corrupt count), refuses non-llama files, and returns the HF-style
 config, the decoded float32 tensors under HF names (permutation undone), each tensor's GGML type
-and the raw metadata. Limits: llama only; building tokenizer metadata from an HF tokenizer belongs
+and the raw metadata. `write_gguf_stream` writes pre-encoded tensors (kind "gguf:<TYPE>"
+QuantizedTensors from `quantizers.kquants.quantize_kquant`) one at a time, with extra metadata
+(llama.cpp's `quantize.imatrix.*` keys). Limits: llama only; building tokenizer metadata from an HF tokenizer belongs
 to the caller; MoE, biases other than q/k/v/o and rope scaling are not written.
 """
 
@@ -129,7 +131,7 @@ def _add_metadata(w: Any, cfg: Mapping[str, Any], file_type: int | None) -> None
 
 def _add_tokenizer(w: Any, tok: Mapping[str, Any]) -> None:
     """tok: model ('llama' | 'gpt2'), tokens, and optionally scores, token_type, merges, pre,
-    bos/eos/unk/pad token ids, add_bos/add_eos, chat_template."""
+    bos/eos/unk/pad token ids, add_bos/add_eos/add_space_prefix, chat_template (see gguf_vocab)."""
     if tok.get("model") not in ("llama", "gpt2") or not tok.get("tokens"):
         raise InfqError("tokenizer metadata needs model 'llama' (SentencePiece) or 'gpt2' (BPE) and tokens")
     w.add_tokenizer_model(tok["model"])
@@ -147,7 +149,8 @@ def _add_tokenizer(w: Any, tok: Mapping[str, Any]) -> None:
                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
         if tok.get(key) is not None:
             add(int(tok[key]))
-    for key, add in (("add_bos", w.add_add_bos_token), ("add_eos", w.add_add_eos_token)):
+    for key, add in (("add_bos", w.add_add_bos_token), ("add_eos", w.add_add_eos_token),
+                     ("add_space_prefix", w.add_add_space_prefix)):
         if tok.get(key) is not None:
             add(bool(tok[key]))
     if tok.get("chat_template"):
@@ -191,6 +194,85 @@ def write_gguf(path: str | os.PathLike[str], config: Mapping[str, Any], tensors:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    os.replace(tmp, path)
+
+
+def _add_kv(w: Any, key: str, value: Any) -> None:
+    """One extra metadata value: str -> string, bool -> bool, int -> i32 (llama.cpp's quantize.* keys)."""
+    if isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_int32(key, value)
+    else:
+        raise InfqError(f"metadata {key}: {type(value).__name__} values are not written; pass str, bool or int")
+
+
+def _stream_info(w: Any, name: str, shape: tuple[int, ...], qtype: str) -> None:
+    import gguf
+
+    n = int(np.prod(shape))
+    if qtype in _FLOAT_TYPES:
+        dtype = np.dtype(np.float32 if qtype == "F32" else np.float16)
+        w.add_tensor_info(name, shape, dtype, n * dtype.itemsize)
+        return
+    t = kquants.block_type(qtype)
+    row_bytes = shape[-1] // t.block * t.nbytes
+    w.add_tensor_info(name, (*shape[:-1], row_bytes), np.dtype(np.uint8), n // shape[-1] * row_bytes,
+                      raw_dtype=gguf.GGMLQuantizationType[t.name])
+
+
+def _stream_data(hf: str, value: Any, qtype: str, config: Mapping[str, Any]) -> np.ndarray:
+    """The bytes of one tensor as the file stores them: Q/K rows permuted, the planned type."""
+    from infq.quantizers.scheme import QuantizedTensor
+
+    heads = _heads_for(hf, config)
+    if isinstance(value, QuantizedTensor):
+        if value.scheme.ggml_type != qtype:
+            raise InfqError(f"{hf} was encoded as {value.scheme.kind}, not the planned {qtype}")
+        data = value.codes.cpu()  # (out, row_bytes): rows are independent, so permuting bytes is exact
+    elif qtype in _FLOAT_TYPES:
+        data = torch.as_tensor(value).detach().cpu().to(torch.float32 if qtype == "F32" else torch.float16)
+    else:
+        raise InfqError(f"{hf} must be handed over encoded as {qtype}, got a float tensor")
+    if heads is not None:
+        data = permute_qk(data, heads)
+    return np.ascontiguousarray(data.numpy())
+
+
+def write_gguf_stream(path: str | os.PathLike[str], config: Mapping[str, Any],
+                      entries: list[tuple[str, tuple[int, ...], str]], produce: Any,
+                      tokenizer: Mapping[str, Any] | None = None, file_type: int | None = None,
+                      extra: Mapping[str, Any] | None = None) -> None:
+    """Write a llama GGUF one tensor at a time: `entries` (HF name, torch shape, GGML type) fix the
+    header, then `produce(hf_name)` returns each tensor in turn (a float tensor for F32/F16, a
+    "gguf:<type>" QuantizedTensor otherwise), so only one tensor is in memory while writing.
+    Written to `path.tmp`, renamed when complete; the partial file is removed on failure."""
+    import gguf
+
+    _check_llama(config)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, "llama")
+    _add_metadata(w, config, file_type)
+    if tokenizer is not None:
+        _add_tokenizer(w, tokenizer)
+    for key, value in (extra or {}).items():
+        _add_kv(w, key, value)
+    for hf, shape, qtype in entries:
+        _stream_info(w, gguf_name(hf), tuple(int(d) for d in shape), qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for hf, _, qtype in entries:
+            w.write_tensor_data(_stream_data(hf, produce(hf), qtype, config))
+        w.close()
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
