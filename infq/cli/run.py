@@ -1,54 +1,90 @@
-"""`infq run`: generate from a prompt, streaming tokens as they come, then TTFT and tokens/s."""
+"""`infq run`: generate through the paged-KV continuous-batching engine.
+
+One `--prompt` streams its tokens to the terminal as they come and ends with TTFT, tokens/s and
+memory; `--prompts-file` runs many prompts through the engine together and prints each result when
+it finishes. `--json` prints one object per prompt instead.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from infq.cli.common import cli_errors, print_json
+from infq.cli.common import cli_errors, human_bytes, print_json
 
 
 def run(
     model: str = typer.Argument("demo", help="Model directory, .gguf file, hub id, or 'demo'."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
+    prompts_file: str = typer.Option(None, "--prompts-file", help="Many prompts: .txt (one per line) or .jsonl (field 'prompt')."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling (per request)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
+    kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB (auto: max-num-seqs full contexts, <= 4 GiB)."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache storage: auto (model dtype), int8, fp8."),
+    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most."),
+    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (prefill chunk budget)."),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn automatic prefix caching off."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt instead of streaming."),
 ) -> None:
     """Generate text. Example: infq run qwen-awq --prompt "The capital of France is" """
     with cli_errors():
-        from infq.runtime.generate import GenerationStats, generate_text
+        from infq.errors import InfqError
+        from infq.runtime.engine import EngineConfig
+        from infq.runtime.generate import open_engine, read_prompts, run_prompts
+        from infq.runtime.kv_cache import parse_memory
         from infq.runtime.sampling import SamplingParams
 
+        if (prompt is None) == (prompts_file is None):
+            raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE")
+        prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
         params = SamplingParams(temperature, top_k, top_p, seed)
-        stats = GenerationStats()
-        pieces = generate_text(model, prompt, max_new_tokens, params, ignore_eos, dtype, device, stats)
-        text = ""
-        for piece in pieces:
-            text += piece
-            if not json_out:
-                typer.echo(piece, nl=False)
-        if json_out:
-            print_json({
-                "prompt": prompt, "text": text, "token_ids": stats.token_ids,
-                "prompt_tokens": stats.prompt_tokens, "ttft_s": stats.ttft_s,
-                "tokens_per_s": stats.tokens_per_s, "peak_rss_bytes": stats_rss(),
-            })
-            return
-        typer.echo("")
-        typer.echo(
-            f"[{stats.new_tokens} tokens; TTFT {stats.ttft_s * 1000:.1f} ms; "
-            f"{stats.tokens_per_s:.1f} tokens/s; peak RSS {stats_rss() / 2**20:.0f} MiB]",
-            err=True,
-        )
+        config = EngineConfig(block_size=block_size, kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
+                              kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
+                              prefix_caching=not no_prefix_cache)
+        if max_new_tokens < 1:
+            raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+        engine, _ = open_engine(model, config, dtype, device)
+        stream = prompt is not None and not json_out
+        on_output = (lambda _i, out: typer.echo(out.new_text, nl=False)) if stream else None
+        results = run_prompts(engine, prompts, max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
+                              on_output=on_output)
+        memory = _memory(engine)
+        if prompt is not None and "error" in results[0]:
+            raise InfqError(results[0]["error"])
+        for i, res in enumerate(results):
+            if json_out:
+                print_json({**res, **memory})
+            elif "error" in res:
+                typer.echo(f"[prompt {i}] rejected: {res['error']}", err=True)
+            else:
+                if not stream:
+                    typer.echo(f"--- prompt {i}: {res['prompt']!r}\n{res['text']}")
+                else:
+                    typer.echo("")
+                typer.echo(
+                    f"[{len(res['token_ids'])} tokens; TTFT {res['ttft_s'] * 1000:.1f} ms; {res['tokens_per_s']:.1f} tokens/s; "
+                    f"peak RSS {human_bytes(memory['peak_rss_bytes'])}; KV cache {human_bytes(memory['kv_cache_bytes'])}"
+                    + (f"; GPU peak {human_bytes(memory['gpu_peak_bytes'])}" if memory.get("gpu_peak_bytes") else "") + "]",
+                    err=True,
+                )
+        failed = sum("error" in r for r in results)
+        if failed:
+            raise InfqError(f"{failed} of {len(results)} prompts were rejected (see their error {'fields' if json_out else 'lines'})")
 
 
-def stats_rss() -> int:
+def _memory(engine) -> dict:
+    import torch
+
     from infq.eval.throughput import peak_rss_bytes
 
-    return peak_rss_bytes()
+    mem = {"peak_rss_bytes": peak_rss_bytes(), "kv_cache_bytes": engine.kv.nbytes}
+    if engine.model.device.type == "cuda":
+        mem["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(engine.model.device)
+    return mem

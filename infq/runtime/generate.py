@@ -1,102 +1,89 @@
-"""Single-prompt generation with a contiguous KV cache, streaming token by token.
+"""Text in, text out over the engine: what `infq run` calls.
 
-`infq run` uses this until the paged-KV continuous-batching engine (runtime issue) takes over;
-the sampling rules (`sampling.py`) and stopping rules (EOS, stop strings, max tokens) are the
-ones the engine keeps.
+`open_engine` loads a checkpoint (any format `loader.py` reads) and builds an `Engine` over it;
+`run_prompts` tokenizes prompts, queues them all (the engine batches them continuously), calls
+`on_output` with every step's per-request output (for streaming), and returns one result dict per
+prompt in order: the generated text and token ids, TTFT, tokens/s, or the error that rejected it.
+`read_prompts` reads a prompts file (.txt: one prompt per line; .jsonl: a `prompt` or `text` field).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-
-import torch
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from infq.errors import InfqError
-from infq.runtime.model import DecoderModel
-from infq.runtime.sampling import SamplingParams, sample
+from infq.runtime.engine import Engine, EngineConfig, RequestOutput
+from infq.runtime.sampling import SamplingParams
 
 
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    ttft_s: float = 0.0
-    total_s: float = 0.0
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        decode = self.total_s - self.ttft_s
-        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+def eos_ids(loaded: Any) -> list[int]:
+    """End-of-sequence ids from config.json and the tokenizer."""
+    eos = loaded.config.eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    tok = loaded.tokenizer
+    if tok is not None and tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return sorted(ids)
 
 
-@torch.inference_mode()
-def generate(
-    model: DecoderModel,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    params: SamplingParams,
-    eos_ids: set[int],
-    stats: GenerationStats,
-) -> Iterator[int]:
-    """Yield generated token ids one at a time; fills `stats` as it goes."""
-    limit = model.cfg.max_position_embeddings
-    if not prompt_ids:
-        raise InfqError("the prompt is empty; pass --prompt TEXT")
-    if len(prompt_ids) + 1 > limit:
-        raise InfqError(f"the prompt has {len(prompt_ids)} tokens; the model holds {limit}: shorten it")
-    max_new = min(max_new_tokens, limit - len(prompt_ids))
-    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    cache = model.new_cache()
-    ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
-    stats.prompt_tokens = len(prompt_ids)
-    start = time.perf_counter()
-    for step in range(max_new):
-        logits = model(ids, cache)[:, -1]  # (1, V)
-        token = int(sample(logits, params, gen)[0])
-        if step == 0:
-            stats.ttft_s = time.perf_counter() - start
-        stats.new_tokens += 1
-        stats.token_ids.append(token)
-        stats.total_s = time.perf_counter() - start
-        yield token
-        if token in eos_ids:
-            return
-        ids = torch.tensor([[token]], device=model.device)
-
-
-def generate_text(
-    model: str,
-    prompt: str,
-    max_new_tokens: int,
-    params: SamplingParams,
-    ignore_eos: bool,
-    dtype: str,
-    device: str,
-    stats: GenerationStats,
-) -> Iterator[str]:
-    """Load `model`, then yield decoded text pieces as tokens are generated."""
+def open_engine(model: str, config: EngineConfig, dtype: str = "auto", device: str = "cpu") -> tuple[Engine, Any]:
+    """(engine, LoadedModel) for a model path, hub id or 'demo'."""
     from infq.runtime.loader import load_model
 
+    loaded = load_model(model, dtype=dtype, device=device)
+    return Engine(loaded.model, config, eos_ids=eos_ids(loaded), tokenizer=loaded.tokenizer), loaded
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise InfqError(f"--prompts-file {p}: no such file")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if p.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                prompts.append(str(rec["prompt"] if "prompt" in rec else rec["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InfqError(f"{p}:{i}: expected a JSON object with a 'prompt' or 'text' field") from None
+    else:
+        prompts = [ln for ln in lines if ln.strip()]
+    if not prompts:
+        raise InfqError(f"--prompts-file {p} holds no prompts")
+    return prompts
+
+
+def run_prompts(engine: Engine, prompts: Sequence[str], max_new_tokens: int, params: SamplingParams, *,
+                ignore_eos: bool = False, stop: Sequence[str] = (),
+                on_output: Callable[[int, RequestOutput], None] | None = None) -> list[dict[str, Any]]:
+    """Generate for every prompt through the batching engine; one result per prompt, in order."""
     if max_new_tokens < 1:
         raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    loaded = load_model(model, dtype=dtype, device=device)
-    tok = loaded.tokenizer
-    eos = loaded.config.eos_token_id
-    eos_ids = set() if ignore_eos else ({eos} if isinstance(eos, int) else set(eos or ()))
-    if not ignore_eos and tok.eos_token_id is not None:
-        eos_ids.add(tok.eos_token_id)
-    prompt_ids = tok(prompt).input_ids
-    prefix = tok.decode(prompt_ids, skip_special_tokens=True)
-    emitted = ""
-    for _ in generate(model=loaded.model, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                      params=params, eos_ids=eos_ids, stats=stats):
-        # Decode the whole continuation each time so multi-byte characters come out whole.
-        text = tok.decode(prompt_ids + stats.token_ids, skip_special_tokens=True)[len(prefix):]
-        if text.endswith("\ufffd"):
-            continue
-        yield text[len(emitted):]
-        emitted = text
+    tok = engine.tokenizer
+    for i, prompt in enumerate(prompts):
+        engine.add_request(tok(prompt).input_ids, params, max_new_tokens, stop=stop, ignore_eos=ignore_eos,
+                           request_id=i)
+    results: dict[int, dict[str, Any]] = {}
+    for outs in engine.stream():
+        for out in outs:
+            if on_output is not None:
+                on_output(out.request_id, out)
+            if out.finished:
+                results[out.request_id] = _result(prompts[out.request_id], out)
+    return [results[i] for i in range(len(prompts))]
+
+
+def _result(prompt: str, out: RequestOutput) -> dict[str, Any]:
+    if out.error is not None:
+        return {"prompt": prompt, "error": out.error}
+    return {
+        "prompt": prompt, "text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
+        "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "ttft_s": out.ttft_s,
+        "tokens_per_s": out.tokens_per_s, "e2e_s": out.e2e_s,
+    }
