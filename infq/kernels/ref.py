@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infq.quantizers.scheme import QuantizedTensor
+
 KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
@@ -161,3 +163,58 @@ def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     equal (runtime.model.Rope's tables) -> x * cos + rotate_half(x) * sin (T, H, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized linears. `quant_linear_ref` is the oracle of every weight-only kernel (CPU packed paths
+# in kernels/dispatch.py, Triton dequant-GEMM): x @ dequantize(qt)ᵀ (+ b) in float64. FP8 (E4M3FN)
+# products (reference §B.3): `Y = (X8 · W8ᵀ) · s_x · s_w (+ b)` with W8 (N, K) e4m3 codes, s_w (N, 1)
+# (per-channel, or one value repeated for per-tensor) and X8 the activations quantized per `act`:
+#   "static":  one calibrated scale s_x for the whole tensor (saturating at ±448),
+#   "dynamic": one scale per token (row), max_j |x_tj| / 448, computed at every call,
+#   "none":    no activation quantization (weight-only; the weight is dequantized).
+# `fp8_linear_ref` computes that product in float32 from the quantized values (the CPU path and the
+# oracle of `dispatch.fp8_linear_scaled_mm`).
+# ------------------------------------------------------------------------------------------------
+
+E4M3_MAX = 448.0
+ACT_SCHEMES = ("static", "dynamic", "none")
+_TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero token: its codes are 0 whatever it is
+
+
+def quant_linear_ref(x: Tensor, qt: QuantizedTensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ dequantize(qt)ᵀ (N, K) (+ bias (N,)) in float64 -> (..., N) float64."""
+    y = x.double() @ qt.dequantize(torch.float32).double().T  # (..., N)
+    return y if bias is None else y + bias.double()
+
+
+def to_e4m3(x: Tensor) -> Tensor:
+    """Saturating cast to float8_e4m3fn (PyTorch's own cast saturates only on some builds/devices)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_act(x: Tensor, act: str, input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Activations (M, K) -> (e4m3 codes (M, K), float32 scale () for static or (M, 1) per token)."""
+    x32 = x.to(torch.float32)  # (M, K)
+    if act == "static":
+        assert input_scale is not None
+        s = input_scale.to(x.device, torch.float32).reshape(())
+        return to_e4m3(x32 / s), s
+    s = (x32.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(_TINY)  # (M, 1)
+    return to_e4m3(x32 / s), s
+
+
+def fp8_linear_ref(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | None, act: str,
+                   input_scale: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
+    """Reference FP8 linear in float32 from the quantized operands; returns x's dtype (..., N).
+    `weight`: codes * w_scale in float32 computed earlier (the CPU runtime keeps it; exact)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (M, K)
+    if act == "none":
+        xq = x2.to(torch.float32)
+    else:
+        x8, s = quantize_act(x2, act, input_scale)
+        xq = x8.to(torch.float32) * s  # (M, K), exact in fp32
+    w = weight if weight is not None else codes.to(torch.float32) * w_scale.to(torch.float32)  # (N, K)
+    y = F.linear(xq, w, None if bias is None else bias.to(torch.float32))  # (M, N)
+    return y.to(x.dtype).reshape(*shape[:-1], codes.shape[0])

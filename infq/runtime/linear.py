@@ -64,6 +64,45 @@ class DequantLinear(nn.Module):
         return linear_by_rows(x, lambda rows: self.qt.dequantize(x.dtype, rows), self.out_features, b)
 
 
+class QuantLinear(nn.Module):
+    """A linear over a `QuantizedTensor` run by the kernel `kernels.dispatch` picks for (scheme,
+    device, compute dtype), repacked once here: on CPU in bfloat16 PyTorch's packed int4/int8 mm,
+    on CUDA the Triton dequant-GEMM, elsewhere the weight dequantized once to the compute dtype
+    (exact in float32). `weight` is the reference decoding in float32, from `reread()` when given
+    (the loader re-reads the checkpoint, so the codes need not stay resident) or from the kept qt."""
+
+    def __init__(self, qt: QuantizedTensor, bias: Tensor | None, dtype: torch.dtype, device: torch.device | str,
+                 reread: Callable[[], QuantizedTensor] | None = None) -> None:
+        super().__init__()
+        from infq.kernels import dispatch
+
+        self.kernel = dispatch.prepare(qt, device, dtype)
+        self.shape = qt.shape  # (out, in)
+        self.qt = None if reread is not None else qt
+        self._reread = reread
+        self.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)  # (out,)
+
+    @property
+    def impl(self) -> str:
+        return self.kernel.name
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        qt = self.qt if self.qt is not None else self._reread()  # type: ignore[misc]
+        return qt.dequantize(torch.float32)  # (out, in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.kernel(x, self.bias)  # (..., out)
+
+
 ROW_CHUNK_BYTES = 4 << 20  # weight rows converted to the compute dtype per product
 
 
@@ -90,7 +129,7 @@ def dense_from(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, device: 
 class Fp8Linear(nn.Module):
     """A linear over FP8 E4M3 weights (a kind "fp8" QuantizedTensor): keeps the codes (1 byte per
     weight) and per-row scales, and quantizes activations per `act` (static / dynamic / none, see
-    kernels/fp8.py). On a CUDA GPU with FP8 tensor cores it runs `torch._scaled_mm` (untested on a
+    kernels/ref.py). On a CUDA GPU with FP8 tensor cores it runs `torch._scaled_mm` (untested on a
     GPU so far); elsewhere the dequantizing float32 reference computes the same product."""
 
     codes: Tensor  # buffers, registered in __init__
@@ -99,7 +138,7 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, qt: QuantizedTensor, bias: Tensor | None, act: str, per_tensor: bool) -> None:
         super().__init__()
-        from infq.kernels.fp8 import ACT_SCHEMES
+        from infq.kernels.ref import ACT_SCHEMES
 
         if qt.scheme.kind != "fp8" or act not in ACT_SCHEMES:
             raise ValueError(f"Fp8Linear needs an fp8 tensor and act in {ACT_SCHEMES}, got {qt.scheme.kind}, {act}")
@@ -126,19 +165,20 @@ class Fp8Linear(nn.Module):
         return self.codes.to(torch.float32) * self.w_scale  # (out, in) float32, exact
 
     def forward(self, x: Tensor) -> Tensor:
-        from infq.kernels import fp8
+        from infq.kernels import dispatch
+        from infq.kernels.ref import fp8_linear_ref
 
         tensor_wise = self.act == "static" and self.per_tensor
-        if (self.act != "none" and fp8.scaled_mm_supported(x.device)
-                and fp8.scaled_mm_shapes_ok(self.codes, x.dtype, tensor_wise)):
-            return fp8.fp8_linear_scaled_mm(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
-                                            w_per_tensor=self.per_tensor)
+        if (self.act != "none" and dispatch.scaled_mm_supported(x.device)
+                and dispatch.scaled_mm_shapes_ok(self.codes, x.dtype, tensor_wise)):
+            return dispatch.fp8_linear_scaled_mm(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
+                                                 w_per_tensor=self.per_tensor)
         if x.device.type == "cpu":  # the fast CPU path: weights decoded once (exact), activations per call
             if self._decoded is None:
                 self._decoded = self.weight
-            return fp8.fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
-                                      weight=self._decoded)
-        return fp8.fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale)
+            return fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale,
+                                  weight=self._decoded)
+        return fp8_linear_ref(x, self.codes, self.w_scale, self.bias, self.act, self.input_scale)
 
 
 def fp8_from(qt: QuantizedTensor, bias: Tensor | None, act: str, per_tensor: bool, dtype: torch.dtype,

@@ -20,7 +20,7 @@ from infq.formats.detect import detect_format
 from infq.formats.hf import Checkpoint, load_tokenizer, read_config, resolve_model
 from infq.formats.packed import MARKERS, layout_from_config
 from infq.runtime.arch import ModelConfig
-from infq.runtime.linear import dense_from, fp8_from
+from infq.runtime.linear import QuantLinear, dense_from, fp8_from
 from infq.runtime.model import DecoderModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,9 +44,9 @@ class HFWeights:
 
 
 class PackedWeights(HFWeights):
-    """`WeightSource` over a packed checkpoint: integer linears are dequantized at load time
-    (fast dequant-GEMM kernels replace this with the kernels issue; the numbers are the same);
-    FP8 linears keep their e4m3 codes and quantize activations as their config says (Fp8Linear).
+    """`WeightSource` over a packed checkpoint: integer linears become QuantLinears (repacked
+    once for the kernel `kernels.dispatch` picks; in float32 on CPU the weight dequantized once,
+    exact); FP8 linears keep their e4m3 codes and quantize activations as their config says (Fp8Linear).
     """
 
     FORMAT = ""  # a formats.packed.PACKED_FORMATS name, set by each subclass
@@ -67,7 +67,7 @@ class PackedWeights(HFWeights):
         if self.layout.is_fp8:
             c = self.layout.config
             return fp8_from(qt, bias, c.act_scheme, c.weight_scale == "tensor", dtype, device)
-        return dense_from(qt.dequantize(torch.float32), bias, dtype, device)
+        return QuantLinear(qt, bias, dtype, device, reread=lambda: self.layout.read(self.ckpt, module))
 
 
 class GPTQWeights(PackedWeights):

@@ -23,7 +23,8 @@ from infq.formats.fp8 import (
 )
 from infq.formats.inspect import inspect_checkpoint
 from infq.formats.packed import PackedLayout
-from infq.kernels.fp8 import fp8_linear_ref, fp8_linear_scaled_mm
+from infq.kernels.dispatch import fp8_linear_scaled_mm
+from infq.kernels.ref import fp8_linear_ref
 from infq.quantizers.calibrate import LayerStats
 from infq.quantizers.fp8 import quantize_fp8
 from infq.quantizers.scheme import QuantConfig
