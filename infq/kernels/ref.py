@@ -218,3 +218,25 @@ def fp8_linear_ref(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Tensor | Non
     w = weight if weight is not None else codes.to(torch.float32) * w_scale.to(torch.float32)  # (N, K)
     y = F.linear(xq, w, None if bias is None else bias.to(torch.float32))  # (M, N)
     return y.to(x.dtype).reshape(*shape[:-1], codes.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Dequant-GEMM (kernels/dequant_gemm.py). The Triton kernels' contract: y = x @ Wᵀ (+ b) where W is
+# the reference decoding of the QuantizedTensor (int, fp8 or gguf:<TYPE>) in float32, accumulated in
+# float32 and rounded once to x's dtype. `dequant_gemm_torch` is what PyTorch itself computes in the
+# activation precision (W rounded to x's dtype, then x's-dtype matmul): the tests' error baseline.
+# ------------------------------------------------------------------------------------------------
+
+
+def dequant_gemm_ref(x: Tensor, qt: QuantizedTensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) fp16/bf16 -> (..., N) in x's dtype: float32 x @ dequantize(qt)ᵀ (+ bias)."""
+    w = qt.dequantize(torch.float32).to(x.device)  # (N, K)
+    y = F.linear(x.float(), w, None if bias is None else bias.float())  # (..., N) fp32
+    return y.to(x.dtype)
+
+
+def dequant_gemm_torch(x: Tensor, qt: QuantizedTensor, bias: Tensor | None = None) -> Tensor:
+    """The same product as PyTorch computes it in x's precision: W dequantized to x's dtype, then
+    F.linear in that dtype -> (..., N)."""
+    w = qt.dequantize(torch.float32).to(x.device, x.dtype)  # (N, K)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
