@@ -14,8 +14,6 @@ as in the reference); the last dimension must be contiguous.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -51,7 +49,7 @@ def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, 
         else:
             v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, D)
         if F32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))  # p unrounded: its cast truncates
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, D)
         m_i = m_new
@@ -121,8 +119,9 @@ _tuned = triton.autotune(configs=_configs(), key=["seq_bucket", "GROUP", "IS_CAU
 
 
 def _interpreting() -> bool:
-    """Under TRITON_INTERPRET=1 (the CPU tests) small tiles are used and bf16 dots run in fp32."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this module's kernels were built for the interpreter (TRITON_INTERPRET=1 at import, the
+    CPU tests): then small tiles are used and bf16 dots run in fp32."""
+    return not isinstance(_kernel, triton.runtime.JITFunction)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> None:

@@ -17,8 +17,6 @@ a power of two, q fp16/bf16.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -125,8 +123,9 @@ _SPLIT_ALIGN = 128  # splits are whole multiples of every autotuned BLOCK_N
 
 
 def _interpreting() -> bool:
-    """Under TRITON_INTERPRET=1 (the CPU tests) small tiles are used and bf16 dots run in fp32."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this module's kernels were built for the interpreter (TRITON_INTERPRET=1 at import, the
+    CPU tests): then small tiles are used and bf16 dots run in fp32."""
+    return not isinstance(_kernel, triton.runtime.JITFunction)
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
