@@ -82,6 +82,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[Any, Request] = {}
         self.rejected: list[Request] = []  # finished with an error at add(), reported once by take_rejected()
+        self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
         """Queue `req`, or finish it at once with an error if it can never be served."""
@@ -154,6 +155,7 @@ class Scheduler:
             self.requests.pop(req.request_id, None)
             return
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -163,14 +165,15 @@ class Scheduler:
             # Leave at least one token to compute: its logits give the next token.
             keys = self.pool.block_keys(req.token_ids, (req.num_tokens - 1) // bs)
             table = self.pool.match_prefix(keys)
-            computed = len(table) * bs
+            hits = len(table)
+            computed = hits * bs
             n = min(req.num_tokens - computed, budget)
             if not self.pool.grow(table, computed + n):
                 self.pool.free(table)
                 return
             self.waiting.popleft()
             req.block_table, req.num_computed = table, computed
-            req.num_registered = len(table)
+            req.num_registered = hits
             req.num_cached_tokens = computed
             self.running.append(req)
             if n > 0:
