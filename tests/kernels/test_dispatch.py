@@ -1,0 +1,194 @@
+"""kernels/dispatch.py on CPU: every packed path against the float64 oracle `ref.quant_linear_ref`.
+
+The packed kernels (aten int4pack / int8pack) run in bfloat16; each result may be at most
+tolerances.FACTOR times as wrong as PyTorch's own bfloat16 matmul over the dequantized weight (the
+same computation in the same precision). Float32 runs the dense path and must equal F.linear over
+the reference decoding bit for bit. The repacking into the common affine form is checked exactly.
+Checkpoint-level: GPTQ (RTN and act-order GPTQ) and AutoAWQ checkpoints load into QuantLinears whose
+logits meet the same bound against the float32 model, and whose float32 logits equal the
+DequantLinear reference exactly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peer_layouts import autoawq_config, awq_linear, build_checkpoint
+from tinymodels import make_tiny_model
+from tolerances import assert_within_baseline
+
+from infq.kernels import dispatch
+from infq.kernels.ref import quant_linear_ref
+from infq.quantizers.kquants import quantize as gguf_quantize
+from infq.quantizers.scheme import QuantizedTensor, QuantScheme
+from infq.runtime.linear import DenseLinear, DequantLinear, QuantLinear
+from infq.runtime.loader import load_model
+
+BF16 = torch.bfloat16
+FLOOR_ULPS = 0.25  # PyTorch's bfloat16 error is never 0 here; a small floor keeps the bound sharp
+
+
+def random_qt(n: int, k: int, bits: int, gs: int, sym: bool, act_order: bool = False, seed: int = 0) -> QuantizedTensor:
+    """Random codes, zero points and fp16 scales of GPTQ's ranges (act-order: groups scattered)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if gs == -1 else k // gs
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)  # (N, K)
+    scales = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).half()  # (N, G)
+    if sym:
+        zeros = torch.full((n, groups), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, dtype=torch.int32)
+    g_idx = (torch.arange(k) // (k // groups)).to(torch.int32)  # (K,)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    return QuantizedTensor(codes, scales, zeros, g_idx, QuantScheme(bits, gs, sym), (n, k))
+
+
+def gguf_qt(n: int, k: int, qtype: str, seed: int = 0) -> QuantizedTensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))  # (N, K)
+    return QuantizedTensor.from_gguf(gguf_quantize(w, qtype), qtype, (n, k))
+
+
+def check_against_oracle(qt: QuantizedTensor, expect: str, shape: tuple[int, ...] = (3,), bias: bool = True) -> None:
+    n, k = qt.shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, k, generator=g).to(BF16)  # (..., K)
+    b = (0.1 * torch.randn(n, generator=g)).to(BF16) if bias else None  # (N,)
+    kernel = dispatch.prepare(qt, "cpu", BF16)
+    assert kernel.name == expect == dispatch.select(qt, "cpu", BF16)
+    y = kernel(x, b)  # (..., N)
+    assert y.dtype == BF16 and y.shape == (*shape, n)
+    baseline = F.linear(x, qt.dequantize().to(BF16), b)  # PyTorch in bfloat16
+    assert_within_baseline(y, quant_linear_ref(x, qt, b), baseline, floor_ulps=FLOOR_ULPS)
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (4, 32, False), (4, 64, True), (3, 64, False),
+                                         (2, 32, False), (4, -1, False), (8, 128, True), (8, 32, False),
+                                         (5, 64, False)])
+def test_group_affine_int4pack(bits: int, gs: int, sym: bool) -> None:
+    check_against_oracle(random_qt(96, 256, bits, gs, sym), "int4pack")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_act_order_permutes_inputs(bits: int) -> None:
+    qt = random_qt(64, 256, bits, 64, sym=False, act_order=True, seed=bits)
+    aff = dispatch.affine_from(qt)
+    assert aff is not None and aff.perm is not None
+    check_against_oracle(qt, "int4pack", shape=(2, 5))
+
+
+@pytest.mark.parametrize("n,k,gs", [(65, 256, 32), (127, 160, 32), (129, 96, -1), (1, 64, 64), (17, 512, 256)])
+def test_odd_shapes_pad_rows(n: int, k: int, gs: int) -> None:
+    check_against_oracle(random_qt(n, k, 4, gs, sym=False, seed=n), "int4pack", shape=(1,))
+
+
+@pytest.mark.parametrize("m", [1, 4, 33])
+def test_batch_sizes(m: int) -> None:
+    check_against_oracle(random_qt(48, 128, 4, 32, sym=True), "int4pack", shape=(m,))
+
+
+def test_int8_per_channel_uses_int8pack() -> None:
+    check_against_oracle(random_qt(80, 192, 8, -1, sym=True), "int8pack", shape=(2, 3))
+    asym = random_qt(80, 192, 8, -1, sym=False)  # codes - zeros leave int8's range: two nibble planes
+    check_against_oracle(asym, "int4pack")
+
+
+def test_unsupported_groups_fall_back_to_dense() -> None:
+    qt = random_qt(32, 80, 4, -1, sym=False)  # K = 80: no kernel group divides it
+    check_against_oracle(qt, "dense")
+    check_against_oracle(random_qt(32, 96, 4, 16, sym=True), "dense")  # groups of 16
+
+
+@pytest.mark.parametrize("qtype,expect", [("Q8_0", "int4pack"), ("Q4_0", "int4pack"), ("Q4_1", "int4pack"),
+                                          ("Q5_0", "int4pack"), ("Q5_1", "int4pack"), ("Q4_K", "int4pack"),
+                                          ("Q5_K", "int4pack"), ("Q6_K", "dense"), ("Q3_K", "dense"),
+                                          ("Q2_K", "dense")])
+def test_gguf_blocks(qtype: str, expect: str) -> None:
+    check_against_oracle(gguf_qt(48, 512, qtype), expect, shape=(2,))
+
+
+@pytest.mark.parametrize("make", [lambda: random_qt(32, 128, 3, 32, False, act_order=True),
+                                  lambda: random_qt(32, 128, 8, -1, False),
+                                  lambda: gguf_qt(16, 256, "Q4_K"), lambda: gguf_qt(16, 256, "Q5_0"),
+                                  lambda: gguf_qt(16, 256, "Q8_0"), lambda: gguf_qt(16, 256, "Q4_1"),
+                                  lambda: gguf_qt(16, 256, "Q5_K")])
+def test_affine_form_is_exact(make) -> None:
+    qt = make()
+    aff = dispatch.affine_from(qt)
+    assert aff is not None
+    rep = aff.group
+    w = aff.codes.float() * aff.scale.repeat_interleave(rep, 1) + aff.offset.repeat_interleave(rep, 1)  # (N, K)
+    if aff.perm is not None:
+        w = torch.empty_like(w).index_copy_(1, aff.perm, w)
+    assert torch.equal(w, qt.dequantize())
+
+
+@pytest.mark.parametrize("make", [lambda: random_qt(48, 128, 4, 32, False), lambda: gguf_qt(16, 256, "Q4_K")])
+def test_float32_is_exact(make) -> None:
+    qt = make()
+    x = torch.randn(3, qt.shape[1])
+    kernel = dispatch.prepare(qt, "cpu", torch.float32)
+    assert kernel.name == "dense"
+    assert torch.equal(kernel(x), F.linear(x, qt.dequantize()))
+
+
+def test_quant_linear_module() -> None:
+    qt = random_qt(64, 128, 4, 32, sym=False, act_order=True)
+    bias = torch.randn(64)
+    lin = QuantLinear(qt, bias, BF16, "cpu")
+    assert lin.impl == "int4pack" and (lin.in_features, lin.out_features) == (128, 64)
+    assert torch.equal(lin.weight, qt.dequantize())
+    x = torch.randn(2, 3, 128).to(BF16)
+    ref = DequantLinear(qt, bias.to(BF16))(x)  # bfloat16 product over the per-call decoding
+    assert_within_baseline(lin(x), quant_linear_ref(x, qt, bias.to(BF16)), ref, floor_ulps=FLOOR_ULPS)
+    reread = QuantLinear(qt, None, torch.float32, "cpu", reread=lambda: qt)
+    assert reread.qt is None and torch.equal(reread.weight, qt.dequantize())
+
+
+# ------------------------------------------------------------------ checkpoints through the loader
+
+def _write_gptq(tmp_path, act_order: bool):
+    from infq.quantizers.api import QuantizeRequest, quantize_model
+
+    src = make_tiny_model(tmp_path / "src", family="qwen2")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"calibration line {i} with some words" for i in range(200)))
+    out = tmp_path / "q"
+    method = "gptq" if act_order else "rtn"
+    quantize_model(QuantizeRequest(model=str(src), method=method, bits=4, group_size=32, sym=not act_order,
+                                   desc_act=act_order, dataset=str(text), nsamples=4, seqlen=32, out=str(out)))
+    return out
+
+
+def _write_awq(tmp_path):
+    src = make_tiny_model(tmp_path / "src", family="llama")
+    rng = random.Random(0)
+    out = tmp_path / "awq"
+    build_checkpoint(src, out, lambda o, i: awq_linear(o, i, 32, rng), autoawq_config(32))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["rtn", "gptq-act-order", "awq"])
+def test_checkpoints_load_into_quant_linears(tmp_path, kind: str) -> None:
+    path = _write_awq(tmp_path) if kind == "awq" else _write_gptq(tmp_path, act_order=kind != "rtn")
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    exact = load_model(str(path), tokenizer=False).model  # float32: dense, exact decoding
+    fast = load_model(str(path), dtype="bfloat16", tokenizer=False).model
+    lins = [lin for blk in fast.blocks for lin in blk.linears.values()]
+    assert {type(lin) for lin in lins} == {QuantLinear} and {lin.impl for lin in lins} == {"int4pack"}
+    # float32 equals the DequantLinear reference bit for bit
+    ref32 = exact(ids)
+    for blk in exact.blocks:
+        for role, lin in blk.linears.items():
+            assert lin.impl == "dense"
+            blk.linears[role] = DequantLinear(lin._reread(), lin.bias)
+    assert torch.equal(exact(ids), ref32)
+    # bfloat16: within the bound of PyTorch's bfloat16 matmuls over the dequantized weights
+    got = fast(ids)
+    for blk in fast.blocks:
+        for role, lin in blk.linears.items():
+            blk.linears[role] = DenseLinear(lin.weight.to(BF16), lin.bias)
+    assert_within_baseline(got, ref32.double(), fast(ids))
