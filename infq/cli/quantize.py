@@ -33,6 +33,11 @@ def quantize(
     weight_scale: str = typer.Option(None, "--weight-scale", help="fp8: one e4m3 weight scale per 'tensor' or per output 'channel' [default: channel]."),
     act_scheme: str = typer.Option(None, "--act-scheme", help="fp8 activations: 'static' (per-tensor input scales calibrated on --dataset), 'dynamic' (per token at run time, no data), 'none' (weight-only) [default: dynamic]."),
     act_percentile: float = typer.Option(None, "--act-percentile", help="fp8 static: input amax = this percentile of the per-token max |x| (e.g. 99.99) [default: 100, the max]."),
+    qtype: str = typer.Option(None, "--type", help="kquant: llama.cpp mix Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0 or Q4_0 [default: Q4_K_M]."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="kquant: REGEX=TYPE on GGUF tensor names (e.g. 'attn_v=Q8_0'); repeatable, last match wins."),
+    imatrix: str = typer.Option(None, "--imatrix", help="kquant: reuse this importance matrix (llama.cpp .dat or .gguf); no calibration."),
+    imatrix_out: str = typer.Option(None, "--imatrix-out", help="kquant: save the importance matrix (.gguf, else llama.cpp's legacy .dat)."),
+    no_imatrix: bool = typer.Option(False, "--no-imatrix", help="kquant: quantize without an importance matrix (no calibration data)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Quantize a model. Example: infq quantize --model Qwen/Qwen2.5-0.5B --method gptq --bits 4 --out qwen-gptq"""
@@ -45,7 +50,8 @@ def quantize(
             static_groups=static_groups, damp_percent=damp_percent, dataset=dataset, data_file=data_file,
             nsamples=nsamples, seqlen=seqlen, seed=seed, skip=tuple(skip), lm_head=lm_head, out=out, force=force,
             resume=resume, device=device, format=fmt, weight_scale=weight_scale, act_scheme=act_scheme,
-            act_percentile=act_percentile,
+            act_percentile=act_percentile, type=qtype, tensor_types=tuple(tensor_type), imatrix=imatrix,
+            imatrix_out=imatrix_out, no_imatrix=no_imatrix,
         )
         with progress(quiet=json_out) as bar:
             result = quantize_model(req, bar)
@@ -54,11 +60,30 @@ def quantize(
             return
         for warning in result["warnings"]:
             typer.echo(f"warning: {warning}", err=True)
+        if result["method"] == "kquant":
+            _print_kquant(result)
+            return
         typer.echo(
             f"wrote {result['out']} ({result['format']}): {human_bytes(result['bytes_before'])} -> "
             f"{human_bytes(result['bytes_after'])}, {result['bits_per_weight']:.3f} bits/weight, "
             f"{result['seconds']:.1f} s, peak RSS {human_bytes(result['peak_rss_bytes'])}"
         )
+
+
+def _print_kquant(result: dict) -> None:
+    types = ", ".join(f"{t} x{n}" for t, n in result["types"].items())
+    im = result["imatrix"]
+    source = "none" if im["source"] is None else f"{im['source']} ({im['entries']} tensors, {im['chunks']} chunks)"
+    typer.echo(
+        f"wrote {result['out']} (GGUF {result['type']}, file_type {result['file_type']}): "
+        f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}, "
+        f"{result['bits_per_weight']:.3f} bits/weight, {result['seconds']:.1f} s (encode {result['encode_seconds']:.1f} s)"
+    )
+    typer.echo(f"types: {types}; imatrix: {source}" + (f", saved to {im['saved_to']}" if im.get("saved_to") else ""))
+    for f in result["fallbacks"]:
+        typer.echo(f"fallback: {f['tensor']} {f['from']} -> {f['to']}")
+    for o in result["overrides"]:
+        typer.echo(f"override: {o['tensor']} {o['from']} -> {o['to']}")
 
 
 def _return_freed_memory() -> None:

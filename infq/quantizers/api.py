@@ -39,7 +39,7 @@ from infq.quantizers.calibrate import (
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor, check_group_size
 from infq.quantizers.staging import Stage, fingerprint
 
-AVAILABLE = ("rtn", "gptq", "awq", "fp8")
+AVAILABLE = ("rtn", "gptq", "awq", "fp8", "kquant")
 _COPY = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|.*\.tiktoken|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(json|jinja))$")
 
 
@@ -69,6 +69,11 @@ class QuantizeRequest:
     weight_scale: str | None = None  # fp8: tensor | channel [default channel]
     act_scheme: str | None = None  # fp8: static | dynamic | none [default dynamic]
     act_percentile: float | None = None  # fp8 static: percentile of per-token maxima [default 100]
+    type: str | None = None  # kquant: the llama.cpp mix (Q4_K_M, ...) [default Q4_K_M]
+    tensor_types: tuple[str, ...] = ()  # kquant: REGEX=TYPE overrides on GGUF tensor names
+    imatrix: str | None = None  # kquant: read this llama.cpp imatrix (.dat/.gguf) instead of calibrating
+    imatrix_out: str | None = None  # kquant: save the importance matrix here (.gguf, else legacy .dat)
+    no_imatrix: bool = False  # kquant: no importance matrix, no calibration data
 
 
 FORMATS = ("auto", "gptq", "awq", "compressed-tensors", "fp8")
@@ -79,6 +84,12 @@ def _rtn(weight: Tensor, stats: LayerStats, config: QuantConfig) -> tuple[Quanti
     from infq.quantizers.rtn import quantize_rtn
 
     return quantize_rtn(weight, config), {}
+
+
+def _kquant(weight: Tensor, stats: LayerStats, config: QuantConfig) -> tuple[QuantizedTensor, dict[str, float]]:
+    from infq.quantizers.kquants import quantize_kquant
+
+    return quantize_kquant(weight, stats, config), {}
 
 
 def method_fn(method: str) -> QuantizeFn:
@@ -92,6 +103,8 @@ def method_fn(method: str) -> QuantizeFn:
         from infq.quantizers.fp8 import quantize_fp8
 
         return quantize_fp8
+    if method == "kquant":
+        return _kquant
     raise InfqError(
         f"--method {method} is not available in this version of infq; available: {', '.join(AVAILABLE)}"
     )
@@ -128,6 +141,11 @@ def quantize_model(req: QuantizeRequest, bar: Any = None) -> dict[str, Any]:
     from infq.runtime.arch import ModelConfig
     from infq.runtime.loader import HFWeights, check_checkpoint, expected_shapes
 
+    if req.method == "kquant":  # one GGUF file through its own pipeline (mixes, imatrix files)
+        from infq.quantizers.kquant_pipeline import quantize_kquant_model
+
+        map_large_allocations()
+        return quantize_kquant_model(req, bar)
     start = time.perf_counter()
     map_large_allocations()  # freed transients go back to the OS: RSS tracks one block
     config = request_config(req)
@@ -196,6 +214,11 @@ def request_config(req: QuantizeRequest) -> QuantConfig:
                             ("--act-percentile", req.act_percentile)) if v is not None]
     if given and not fp8:
         raise InfqError(f"{given[0]} applies to --method fp8 only; drop it or use --method fp8")
+    kq = [f for f, v in (("--type", req.type is not None), ("--tensor-type", bool(req.tensor_types)),
+                         ("--imatrix", req.imatrix is not None), ("--imatrix-out", req.imatrix_out is not None),
+                         ("--no-imatrix", req.no_imatrix)) if v]
+    if kq and req.method != "kquant":
+        raise InfqError(f"{kq[0]} applies to --method kquant only; drop it or use --method kquant")
     if fp8 and req.group_size is not None:
         raise InfqError("fp8 has no groups: its scales are per tensor or per channel; use --weight-scale tensor|channel "
                         "instead of --group-size")
@@ -262,6 +285,8 @@ def _layout(req: QuantizeRequest, config: QuantConfig, cfg: Any) -> Any:
     from infq.formats.gptq import default_checkpoint_format
     from infq.formats.packed import PackedLayout
 
+    if req.format == "gguf":
+        raise InfqError(f"--format gguf is written by --method kquant, not {config.method}; use --method kquant --type Q4_K_M")
     if req.format not in FORMATS:
         raise InfqError(f"--format {req.format} is unknown; use one of {', '.join(FORMATS)}")
     fmt = DEFAULT_FORMAT.get(config.method, "gptq") if req.format == "auto" else req.format

@@ -13,6 +13,9 @@ whole block before quantizing it (AWQ: scales folded into norms and linears, cli
 `transform`: it sees the full-precision block and its inputs and returns new full-precision
 tensors; the driver quantizes the returned weights, keeps the other changed tensors (norms,
 biases) in `BlockResult.dense`, and feeds the next block the full-precision block's outputs.
+`collect_stats` walks the same blocks without quantizing anything: each block runs once at full
+precision with observers on every linear group's input, which is how llama-imatrix computes the
+K-quant importance matrix (on the unquantized model: the statistics never see quantization error).
 """
 
 from __future__ import annotations
@@ -332,6 +335,46 @@ def calibrate(
         with torch.inference_mode():
             head = _quantize_head(ctx, h, need, batch)
         yield head
+
+
+def collect_stats(ctx: CalibrationContext, windows: Tensor) -> Iterator[tuple[int, dict[str, LayerStats]]]:
+    """(block index, {full module name: LayerStats}) for every block, on the full-precision model.
+
+    One forward per block: an observer on the first linear of each group (the group shares its
+    input) accumulates that input's statistics (`ctx.stats`, else the method's METHOD_STATS) while
+    the block's outputs overwrite its inputs for the next block. Nothing is quantized and no
+    weight is changed, so later blocks see full-precision activations (llama-imatrix's imatrix).
+    """
+    cfg, arch = ctx.cfg, ctx.cfg.arch
+    need = METHOD_STATS[ctx.config.method] if ctx.stats is None else ctx.stats
+    batch = max(1, ctx.batch_tokens // windows.shape[1])
+    with torch.inference_mode():
+        h = embed_windows(ctx, windows)  # (n, T, C)
+        positions = torch.arange(windows.shape[1], device=ctx.device).expand(min(batch, len(windows)), -1)
+        rope = Rope(cfg)(positions, ctx.dtype)  # (b, T, d) each
+    for i in range(cfg.num_layers):
+        with torch.inference_mode():
+            block = build_block(cfg, ctx.source, i, ctx.store_dtype or ctx.dtype, ctx.device)
+            stats: dict[str, LayerStats] = {}
+            handles = []
+            for roles in arch.sequential:
+                st = LayerStats(block.linears[roles[0]].in_features)
+                stats.update({arch.linear_name(i, r): st for r in roles})
+
+                def hook(_module, args, st=st):
+                    st.add_batch(args[0], need)
+
+                handles.append(block.linears[roles[0]].register_forward_pre_hook(hook))
+            try:
+                _run(block, h, rope, batch, h)  # full-precision outputs feed the next block
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for st in {id(s): s for s in stats.values()}.values():
+                st.finish()
+            del block
+        release_memory()
+        yield i, stats
 
 
 @torch.inference_mode()

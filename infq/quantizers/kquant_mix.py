@@ -58,6 +58,11 @@ def _mix(name: str) -> tuple[int, str]:
     raise InfqError(f"--type {name} is not a supported mix; use one of {', '.join(MIXES)}")
 
 
+def default_type(mix: str) -> str:
+    """The GGML type a mix starts every quantized tensor from (Q4_K_M -> Q4_K)."""
+    return _mix(mix)[1]
+
+
 def file_type(mix: str) -> int:
     """llama.cpp's `llama_ftype` value for a mix name (general.file_type)."""
     return _mix(mix)[0]

@@ -16,11 +16,16 @@ Limits: rows must be a multiple of the block size (the mix logic chooses fallbac
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from infq.errors import InfqError
+from infq.quantizers.scheme import QuantConfig, QuantizedTensor
+
+if TYPE_CHECKING:
+    from infq.quantizers.calibrate import LayerStats
 
 # ---------------------------------------------------------------- scale searches
 # The scale searches of llama.cpp's reference K-quant encoders, vectorized over blocks in torch.
@@ -579,6 +584,25 @@ def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = No
         xb = x[r0:r0 + step].view(-1, n // t.block, t.block)  # (R, NB, block)
         out[r0:r0 + step] = _encode_guarded(t, xb, qw, search).reshape(xb.shape[0], -1).numpy()
     return out
+
+
+_TYPE_FOR_BITS = ((2, "Q2_K"), (3, "Q3_K"), (4, "Q4_K"), (5, "Q5_K"), (6, "Q6_K"), (8, "Q8_0"))
+
+
+def quantize_kquant(weight: torch.Tensor, stats: LayerStats | None, config: QuantConfig,
+                    qtype: str | None = None) -> QuantizedTensor:
+    """The kquant method's pure function: weight (out, in) -> a "gguf:<type>" QuantizedTensor.
+
+    `stats.sqmean` (per-input-channel mean x^2, the importance matrix) weights the scale fits when
+    present. The GGML type is `qtype` (the per-tensor choice of a mix, see kquant_mix), else the
+    K-type of `config.bits` (2..6 -> Q2_K..Q6_K, 8 -> Q8_0). Rows are encoded in the order given:
+    the GGUF writer applies llama.cpp's Q/K row permutation to the bytes (rows are independent, so
+    permuting bytes equals quantizing permuted rows).
+    """
+    qtype = qtype or dict(_TYPE_FOR_BITS).get(config.bits, "")
+    imatrix = stats.sqmean if stats is not None else None
+    data = quantize(weight, qtype, imatrix)  # uint8 (out, in / block * type_size)
+    return QuantizedTensor.from_gguf(data, qtype, (int(weight.shape[0]), int(weight.shape[1])))
 
 
 def _encode_guarded(t: BlockType, x: torch.Tensor, qw: torch.Tensor | None, search: bool) -> torch.Tensor:

@@ -128,7 +128,7 @@ def test_quantize_json_and_bad_inputs(tmp_path, tiny_model, text_file):
     _bad(invoke("quantize", "--model", tiny_model, "--bits", 5, "--out", tmp_path / "b"), "bits 5", "2, 3, 4 or 8")
     _bad(invoke("quantize", "--model", tiny_model, "--group-size", 48, "--out", tmp_path / "b"), "48", "divide")
     _bad(invoke("quantize", "--model", tiny_model, "--damp", 2, "--out", tmp_path / "b"), "damp")
-    _bad(invoke("quantize", "--model", tiny_model, "--method", "kquant", "--bits", 4, "--out", tmp_path / "b"), "kquant", "not available")
+    _bad(invoke("quantize", "--model", tiny_model, "--method", "kquant", "--bits", 4, "--out", tmp_path / "b"), "--bits", "--type")
     _bad(invoke("quantize", "--model", tiny_model, "--method", "awq", "--bits", 8, "--group-size", 32, "--out", tmp_path / "b"),
          "AWQ GEMM format is 4-bit only", "--format gptq")
     _bad(invoke("quantize", "--model", tiny_model, "--format", "exl2", "--group-size", 32, "--out", tmp_path / "b"), "--format exl2", "gptq")
