@@ -3,9 +3,12 @@
 `gptq`: the GPTQ/AWQ papers' protocol. The text is tokenized once; n = N // seqlen
 non-overlapping windows (tail dropped), each fed independently; a window's NLL is its mean
 cross-entropy over the seqlen-1 shifted positions times seqlen; ppl = exp(sum NLL / (n * seqlen)).
-`llamacpp`: llama.cpp's `llama-perplexity`: chunks of seqlen (default 512), each chunk's first token
-replaced by BOS, only the second half scored (positions seqlen/2 .. seqlen-2 predict the next
-token); ppl = exp(mean NLL), with llama.cpp's +/- from the per-token NLL variance.
+`llamacpp`: llama.cpp's `llama-perplexity` (tools/perplexity/perplexity.cpp): a local text file is
+read whole, byte for byte, as `-f FILE` reads it (a named dataset without a local file is joined
+the dataset's way) and tokenized once with the tokenizer's own BOS; chunks of seqlen (default 512),
+each chunk's first token replaced by BOS when the tokenizer adds one (llama.cpp's add_bos), only
+the second half scored (positions seqlen/2 .. seqlen-2 predict the next token, seqlen/2 - 1 per
+chunk); ppl = exp(mean NLL), with llama.cpp's +/- from the per-token NLL variance.
 The two are not comparable with each other; results carry their protocol's name. Logits are
 formed in slices of positions so a 150k-token vocabulary never needs a (seqlen, V) fp32 tensor
 per window at once.
@@ -16,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,11 +153,15 @@ def evaluate_ppl(req: EvalRequest, on_window: Callable[[int, int, float], None] 
     seqlen = req.seqlen or default_seqlen(req.protocol, max_pos)
     if seqlen > max_pos:
         raise InfqError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen {max_pos} or less")
-    tokens = eval_tokens(loaded.tokenizer, dataset, data_file=req.data_file, seqlen=seqlen)
+    raw = raw_text_file(dataset, req.data_file) if req.protocol == "llamacpp" else None
+    if raw is not None:
+        tokens = torch.tensor(list(loaded.tokenizer(_read_raw(raw), verbose=False).input_ids), dtype=torch.long)
+    else:
+        tokens = eval_tokens(loaded.tokenizer, dataset, data_file=req.data_file, seqlen=seqlen)
     start = time.perf_counter()
     result = perplexity(
         loaded.model, tokens, seqlen=seqlen, protocol=req.protocol,
-        bos_id=loaded.tokenizer.bos_token_id, limit=req.limit, on_window=on_window,
+        bos_id=bos_added(loaded.tokenizer), limit=req.limit, on_window=on_window,
     )
     return {
         **result.to_dict(),
@@ -163,3 +172,30 @@ def evaluate_ppl(req: EvalRequest, on_window: Callable[[int, int, float], None] 
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+_RAW_SUFFIXES = (".txt", ".raw", ".text", ".tokens")
+
+
+def raw_text_file(dataset: str, data_file: str | None) -> Path | None:
+    """The local text file llama-perplexity would read for this dataset (None: no such file)."""
+    for cand in (data_file, dataset):
+        if cand and Path(cand).expanduser().is_file() and Path(cand).suffix.lower() in _RAW_SUFFIXES:
+            return Path(cand).expanduser()
+    return None
+
+
+def _read_raw(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InfqError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode it") from None
+
+
+def bos_added(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text (llama.cpp's add_bos), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = list(tokenizer("a", verbose=False).input_ids)
+    return bos if ids and ids[0] == bos else None

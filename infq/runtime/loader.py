@@ -20,7 +20,7 @@ from infq.formats.detect import detect_format
 from infq.formats.hf import Checkpoint, load_tokenizer, read_config, resolve_model
 from infq.formats.packed import MARKERS, layout_from_config
 from infq.runtime.arch import ModelConfig
-from infq.runtime.linear import QuantLinear, dense_from, fp8_from
+from infq.runtime.linear import QuantLinear, dense_from, fp8_from, gguf_from
 from infq.runtime.model import DecoderModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,6 +95,59 @@ class FP8Weights(PackedWeights):
     FORMAT = "fp8"
 
 
+class GGUFWeights:
+    """`WeightSource` over a llama GGUF file (infq's or llama.cpp's): F32/F16/BF16 tensors decoded,
+    block-quantized linears kept as their GGML blocks in a GGUFLinear (decoded per call); Q/K rows
+    are already back in HF order (formats.gguf_reader)."""
+
+    def __init__(self, gguf: Any) -> None:
+        from infq.formats.gguf_reader import FLOAT_TYPES
+
+        self.file, self.float_types = gguf, FLOAT_TYPES
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file
+
+    def tensor(self, name: str) -> Tensor:
+        return self.file.dense(name)
+
+    def linear(self, module: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        name = f"{module}.weight"
+        bias = self.file.dense(f"{module}.bias") if f"{module}.bias" in self.file else None
+        qtype = self.file.ggml_type(name)
+        if qtype in self.float_types:
+            return dense_from(self.file.dense(name), bias, dtype, device)
+        out, inp = self.file.shape(name)
+        return gguf_from(self.file.blocks(name), qtype, (out, inp), bias, dtype, device)
+
+
+def check_gguf(gguf: Any, cfg: ModelConfig) -> None:
+    """Every tensor the config implies is in the GGUF file with the implied shape."""
+    for name, shape in expected_shapes(cfg).items():
+        if name not in gguf:
+            raise InfqError(f"{gguf.path}: tensor {name} (GGUF {_gguf_name(name)}) is missing; the file is incomplete")
+        if gguf.shape(name) != shape:
+            raise InfqError(f"{gguf.path}: tensor {name} has shape {gguf.shape(name)}, its metadata implies {shape}; "
+                            "the file does not match its metadata")
+
+
+def _gguf_name(name: str) -> str:
+    from infq.formats.gguf import gguf_name
+
+    return gguf_name(name)
+
+
+def _load_gguf(path: Path, dtype: str, device: str, resident: bool, tokenizer: bool) -> LoadedModel:
+    from infq.formats.gguf_reader import GGUFFile
+
+    gguf = GGUFFile(path)
+    cfg = ModelConfig.from_hf(gguf.config)
+    check_gguf(gguf, cfg)
+    dev = torch.device(device)
+    net = DecoderModel(cfg, GGUFWeights(gguf), dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
+    return LoadedModel(net, gguf.tokenizer() if tokenizer else None, cfg, path, "gguf")
+
+
 SOURCES: tuple[type[PackedWeights], ...] = (GPTQWeights, AWQWeights, CTWeights, FP8Weights)
 
 
@@ -160,6 +213,8 @@ def load_model(
 ) -> LoadedModel:
     path = resolve_model(model)
     fmt = detect_format(path)
+    if fmt == "gguf":
+        return _load_gguf(path, dtype, device, resident, tokenizer)
     packed = {cls.FORMAT: cls for cls in SOURCES}
     if fmt != "hf" and fmt not in packed:
         raise InfqError(f"{path}: reading {fmt} checkpoints is not available in this version of infq")

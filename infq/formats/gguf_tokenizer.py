@@ -1,0 +1,203 @@
+"""A tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata (reference §A.4.2).
+
+`tokenizer.ggml.model == "llama"` (SentencePiece-style vocab) gets `SpmTokenizer`, which tokenizes
+the way llama.cpp's SPM tokenizer does (`llm_tokenizer_spm_session` in `llama-vocab.cpp`): spaces
+become "▁", a space is prefixed when `add_space_prefix` (default true), the text is split into UTF-8
+characters, and adjacent symbols whose concatenation is a token are merged highest score first
+(ties: leftmost), symbols that are not tokens fall back to `<0xXX>` byte tokens. This matters for
+scoring llama.cpp's own files: its converter writes every score as -1000 for a vocab that came from
+a `tokenizer.json` alone (no `tokenizer.model`), and then llama.cpp's merges (leftmost first) differ
+from the original BPE's; infq reproduces what llama.cpp does with the file, not what the original
+tokenizer did. `"gpt2"` (byte-level BPE with merges) is rebuilt by transformers' own GGUF converter.
+`SpmTokenizer` has the small part of the transformers tokenizer API infq uses (call -> input_ids,
+decode, special ids). Limits: special tokens inside the text are not parsed (llama-perplexity does
+not parse them either); other vocab types (bert, t5, rwkv) are refused.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from infq.errors import InfqError
+
+SPACE = "\u2581"  # "▁"
+CONTROL, BYTE, UNUSED = 3, 6, 5  # tokenizer.ggml.token_type values
+_UTF8_LEN = (1,) * 12 + (2, 2, 3, 4)  # llama.cpp's unicode_len_utf8, by the lead byte's high nibble
+
+
+class Encoding:
+    """What `tokenizer(text).input_ids` needs."""
+
+    def __init__(self, input_ids: Any) -> None:
+        self.input_ids = input_ids
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "input_ids":
+            raise KeyError(key)
+        return self.input_ids
+
+
+class SpmTokenizer:
+    """llama.cpp's SPM tokenizer over a GGUF vocab: tokens, scores, token types, special ids."""
+
+    def __init__(self, tokens: Sequence[str], scores: Sequence[float] | None, types: Sequence[int] | None,
+                 bos: int | None, eos: int | None, unk: int | None, pad: int | None = None,
+                 add_bos: bool = True, add_eos: bool = False, add_space_prefix: bool = True) -> None:
+        n = len(tokens)
+        self.tokens = list(tokens)
+        self.scores = [float(s) for s in scores] if scores is not None else [0.0] * n
+        self.types = [int(t) for t in types] if types is not None else [1] * n
+        if len(self.scores) != n or len(self.types) != n:
+            raise InfqError("GGUF tokenizer metadata: tokens, scores and token types differ in length; re-export it")
+        for name, tid in (("bos", bos), ("eos", eos), ("unk", unk), ("pad", pad)):
+            if tid is not None and not 0 <= tid < n:
+                raise InfqError(f"GGUF tokenizer metadata: {name} token id {tid} is outside the {n} tokens")
+        self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = bos, eos, unk, pad
+        self.add_bos, self.add_eos, self.add_space_prefix = add_bos, add_eos, add_space_prefix
+        self.ids: dict[bytes, int] = {}
+        for i, t in enumerate(self.tokens):
+            self.ids.setdefault(t.encode("utf-8"), i)  # llama.cpp keeps the first id of a duplicate text
+        self.byte_ids = [self._byte_id(b) for b in range(256)]
+        self.model_max_length = 1 << 62
+
+    def _byte_id(self, b: int) -> int:
+        tid = self.ids.get(f"<0x{b:02X}>".encode())
+        if tid is None:
+            tid = self.ids.get(bytes([b]))
+        if tid is None:
+            tid = self.unk_token_id if self.unk_token_id is not None else 0
+        return tid
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_token_id is None else self.tokens[self.bos_token_id]
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_token_id is None else self.tokens[self.eos_token_id]
+
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, **_: Any) -> Encoding:
+        if isinstance(text, str):
+            return Encoding(self.encode(text, add_special_tokens))
+        return Encoding([self.encode(t, add_special_tokens) for t in text])
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        out = [self.bos_token_id] if add_special_tokens and self.add_bos and self.bos_token_id is not None else []
+        if text:
+            out += self._spm(((" " if self.add_space_prefix else "") + text).replace(" ", SPACE).encode("utf-8"))
+        if add_special_tokens and self.add_eos and self.eos_token_id is not None:
+            out.append(self.eos_token_id)
+        return out
+
+    def _spm(self, data: bytes) -> list[int]:
+        """The bigram merge loop of `llm_tokenizer_spm_session::tokenize` over UTF-8 characters."""
+        starts: list[int] = []
+        i, n = 0, len(data)
+        while i < n:  # utf-8 character boundaries (llama.cpp's unicode_len_utf8 on the lead byte)
+            starts.append(i)
+            i += _UTF8_LEN[data[i] >> 4]
+        m = len(starts)
+        start = starts
+        size = [min(n, s2) - s1 for s1, s2 in zip(starts, starts[1:] + [n], strict=True)]
+        nxt = list(range(1, m)) + [-1]
+        prv = list(range(-1, m - 1))
+        ids, scores = self.ids, self.scores
+        heap: list[tuple[float, int, int, int]] = []  # (-score, left, right, merged size)
+
+        def add(left: int, right: int) -> None:
+            if left < 0 or right < 0:
+                return
+            s = size[left] + size[right]
+            tid = ids.get(data[start[left]:start[left] + s])
+            if tid is not None:
+                heap.append((-scores[tid], left, right, s))
+
+        for k in range(1, m):
+            add(k - 1, k)
+        heapq.heapify(heap)
+        push, pop = heapq.heappush, heapq.heappop
+        while heap:
+            _, left, right, s = pop(heap)
+            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != s:
+                continue  # stale: one side was merged since
+            size[left] = s
+            size[right] = 0
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            for a, b in ((prv[left], left), (left, nxt[left])):
+                if a >= 0 and b >= 0:
+                    s2 = size[a] + size[b]
+                    tid = ids.get(data[start[a]:start[a] + s2])
+                    if tid is not None:
+                        push(heap, (-scores[tid], a, b, s2))
+        out: list[int] = []
+        k = 0 if m else -1
+        while k != -1:
+            piece = data[start[k]:start[k] + size[k]]
+            tid = ids.get(piece)
+            if tid is not None:
+                out.append(tid)
+            else:  # merged symbols are always tokens; a lone character that is not becomes bytes
+                out.extend(self.byte_ids[b] for b in piece)
+            k = nxt[k]
+        return out
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        buf = bytearray()
+        for i in ids:
+            t = self.types[i]
+            if skip_special_tokens and t in (CONTROL, UNUSED):
+                continue
+            text = self.tokens[i]
+            if t == BYTE and len(text) == 6 and text.startswith("<0x"):
+                buf.append(int(text[3:5], 16))
+            else:
+                buf += text.replace(SPACE, " ").encode("utf-8")
+        out = buf.decode("utf-8", errors="replace")
+        return out[1:] if self.add_space_prefix and out.startswith(" ") else out
+
+
+def _get(meta: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    v = meta.get(f"tokenizer.ggml.{key}")
+    return default if v is None else v
+
+
+def tokenizer_from_gguf(path: Path, meta: Mapping[str, Any]) -> Any:
+    """The tokenizer the GGUF file describes; InfqError when it holds none infq can rebuild."""
+    model = _get(meta, "model")
+    tokens = _get(meta, "tokens")
+    if model is None or not tokens:
+        raise InfqError(f"{path} holds no tokenizer (tokenizer.ggml.model/tokens); re-export it with its vocab")
+    if model == "llama":
+        return SpmTokenizer(
+            tokens, _get(meta, "scores"), _get(meta, "token_type"),
+            bos=_get(meta, "bos_token_id", 1), eos=_get(meta, "eos_token_id", 2), unk=_get(meta, "unknown_token_id", 0),
+            pad=_get(meta, "padding_token_id"), add_bos=bool(_get(meta, "add_bos_token", True)),
+            add_eos=bool(_get(meta, "add_eos_token", False)), add_space_prefix=bool(_get(meta, "add_space_prefix", True)))
+    if model == "gpt2":
+        return hf_tokenizer_from_gguf(path)
+    raise InfqError(f"{path}: tokenizer type {model!r} is not supported; infq reads 'llama' (SentencePiece) and "
+                    "'gpt2' (BPE) vocabs")
+
+
+def hf_tokenizer_from_gguf(path: Path) -> Any:
+    """transformers' own fast tokenizer for the GGUF file (what `--to hf` saves)."""
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for vocabs it cannot convert
+        raise InfqError(f"{path}: transformers cannot rebuild its tokenizer ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); re-export the GGUF with a standard vocab") from None
+    tok.model_max_length = 1 << 62
+    return tok
