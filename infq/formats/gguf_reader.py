@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ from infq.quantizers import kquants
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _REQUIRED = ("llama.embedding_length", "llama.block_count", "llama.attention.head_count",
              "llama.attention.layer_norm_rms_epsilon")
+
+
+def _view(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only memory map (never written: the warning about it is noise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _int(meta: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
@@ -153,7 +161,7 @@ class GGUFFile:
         out, inp = self.shape(name)
         data = np.asarray(t.data).view(np.uint8).reshape(out, -1)
         order = self._row_order(name, out)
-        b = torch.from_numpy(data) if order is None else torch.from_numpy(data[order.numpy()])
+        b = _view(data) if order is None else torch.from_numpy(data[order.numpy()])
         if not b.is_contiguous():
             b = b.contiguous()
         return b
@@ -170,7 +178,8 @@ class GGUFFile:
             value = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)
         else:
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            value = kquants.dequantize(np.asarray(t.data).view(np.uint8).reshape(rows, -1), q, shape[-1]).reshape(shape)
+            value = kquants.dequantize(_view(np.asarray(t.data).view(np.uint8).reshape(rows, -1)), q, shape[-1])
+            value = value.reshape(shape)
         order = self._row_order(name, shape[0])
         return value if order is None else value[order].contiguous()
 

@@ -121,32 +121,17 @@ def linear_by_rows(x: Tensor, rows: Callable[[slice], Tensor], out_features: int
     return y
 
 
-class GGUFLinear(DequantLinear):
-    """A linear over GGML block bytes (a kind "gguf:<TYPE>" QuantizedTensor, as stored in a GGUF
-    file): the blocks stay in memory (4.5 bits per weight for Q4_K) and are decoded a slice of rows
-    at a time at every call by `gguf_linear`, the reference path (kquants decoders, bit-identical to
-    gguf-py's). A dequant-GEMM kernel for a GGML type plugs in by replacing `gguf_linear` for its
-    (type, device); the module, its bytes and its callers stay the same."""
+def gguf_from(blocks: Callable[[], Tensor], qtype: str, shape: tuple[int, int], bias: Tensor | None,
+              dtype: torch.dtype, device: torch.device) -> QuantLinear:
+    """A QuantLinear over GGML blocks of type `qtype` and logical `shape` (out, in); `blocks()` returns
+    them as uint8 (out, row_bytes) (from the memory-mapped file, so they need not stay resident).
+    The kernel is `kernels.dispatch`'s choice for the GGUF scheme (Triton dequant-GEMM on CUDA,
+    aten int4pack on CPU in bfloat16, the blocks decoded once otherwise)."""
 
-    @property
-    def ggml_type(self) -> str:
-        return self.qt.scheme.ggml_type
+    def read() -> QuantizedTensor:
+        return QuantizedTensor.from_gguf(blocks(), qtype, shape)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return gguf_linear(x, self.qt, self.bias)
-
-
-def gguf_linear(x: Tensor, qt: QuantizedTensor, bias: Tensor | None) -> Tensor:
-    """x (..., in) @ dequantize(qt).T + bias -> (..., out); blocks decoded per slice of rows."""
-    b = None if bias is None else bias.to(x.dtype)
-    return linear_by_rows(x, lambda rows: qt.dequantize(x.dtype, rows), qt.shape[0], b)
-
-
-def gguf_from(blocks: Tensor, qtype: str, shape: tuple[int, int], bias: Tensor | None, dtype: torch.dtype,
-              device: torch.device) -> GGUFLinear:
-    """A GGUFLinear on `device` over GGML blocks (out, row_bytes) uint8 of logical `shape` (out, in)."""
-    qt = QuantizedTensor.from_gguf(blocks.to(device), qtype, shape)
-    return GGUFLinear(qt, None if bias is None else bias.to(device, dtype))
+    return QuantLinear(read(), bias, dtype, device, reread=read)
 
 
 def dense_from(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, device: torch.device) -> DenseLinear:

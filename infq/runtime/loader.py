@@ -97,8 +97,8 @@ class FP8Weights(PackedWeights):
 
 class GGUFWeights:
     """`WeightSource` over a llama GGUF file (infq's or llama.cpp's): F32/F16/BF16 tensors decoded,
-    block-quantized linears kept as their GGML blocks in a GGUFLinear (decoded per call); Q/K rows
-    are already back in HF order (formats.gguf_reader)."""
+    block-quantized linears a QuantLinear over their GGML blocks (kernel from kernels.dispatch); Q/K
+    rows are already back in HF order (formats.gguf_reader)."""
 
     def __init__(self, gguf: Any) -> None:
         from infq.formats.gguf_reader import FLOAT_TYPES
@@ -118,7 +118,7 @@ class GGUFWeights:
         if qtype in self.float_types:
             return dense_from(self.file.dense(name), bias, dtype, device)
         out, inp = self.file.shape(name)
-        return gguf_from(self.file.blocks(name), qtype, (out, inp), bias, dtype, device)
+        return gguf_from(lambda: self.file.blocks(name), qtype, (out, inp), bias, dtype, device)
 
 
 def check_gguf(gguf: Any, cfg: ModelConfig) -> None:
