@@ -80,8 +80,8 @@ def _print_kquant(result: dict) -> None:
         f"{result['bits_per_weight']:.3f} bits/weight, {result['seconds']:.1f} s (encode {result['encode_seconds']:.1f} s)"
     )
     typer.echo(f"types: {types}; imatrix: {source}" + (f", saved to {im['saved_to']}" if im.get("saved_to") else ""))
-    for f in result["fallbacks"]:
-        typer.echo(f"fallback: {f['tensor']} {f['from']} -> {f['to']}")
+    if result["fallbacks"]:  # each also printed above as a warning, with the reason
+        typer.echo(f"fallbacks: {len(result['fallbacks'])} tensors (rows not a multiple of their type's block)")
     for o in result["overrides"]:
         typer.echo(f"override: {o['tensor']} {o['from']} -> {o['to']}")
 
