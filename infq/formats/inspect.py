@@ -4,7 +4,10 @@ Every safetensors format returns the same plain dict, which `infq inspect` print
 as JSON: packed linears (GPTQ, AWQ, compressed-tensors, FP8; see formats.packed) are one logical
 `<module>.weight` entry each, with their scheme and the bytes of all their parts. Parameter counts
 are of the logical (unquantized) weights; bits per weight divide the bytes stored for the weights
-by that count, so a 4-bit g128 GPTQ checkpoint reads about 4.25.
+by that count, so a 4-bit g128 GPTQ checkpoint reads about 4.25. A GGUF file lists its tensors
+under HF names with their GGML types; its bits per weight are llama.cpp's (all tensor data, 1-D
+F32 norms included, over all elements), and its summary names the mix (general.file_type), the
+count of tensors per type and the imatrix it was quantized with, if any.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ _DTYPE_NAMES = {
 def inspect_checkpoint(model: str) -> dict[str, Any]:
     path = resolve_model(model)
     fmt = detect_format(path)
+    if fmt == "gguf":
+        return _inspect_gguf(path)
     if fmt != "hf" and fmt not in PACKED_FORMATS:
         from infq.errors import InfqError
 
@@ -113,6 +118,57 @@ def _inspect_safetensors(path: Path, fmt: str) -> dict[str, Any]:
         "parameters": params,
         "dtype": ",".join(dtypes),
         "bytes_on_disk": ckpt.file_bytes(),
+        "tensor_bytes": stored,
+        "bits_per_weight": 8 * stored / params if params else 0.0,
+        "tensors": tensors,
+    }
+
+
+# llama.cpp's llama_ftype values (general.file_type) -> names (reference §A.4.1)
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+               17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+def _inspect_gguf(path: Path) -> dict[str, Any]:
+    from infq.formats.gguf import gguf_name
+    from infq.formats.gguf_reader import GGUFFile
+
+    f = GGUFFile(path)
+    cfg, meta = f.config, f.meta
+    tensors, counts = [], {}
+    params = stored = 0
+    for name in sorted(f.keys()):
+        shape = list(f.shape(name))
+        numel = 1
+        for d in shape:
+            numel *= d
+        qtype = f.ggml_type(name)
+        counts[qtype] = counts.get(qtype, 0) + 1
+        tensors.append({"name": name, "gguf_name": gguf_name(name), "shape": shape, "scheme": qtype,
+                        "params": numel, "bytes": f.nbytes(name)})
+        params += numel
+        stored += f.nbytes(name)
+    ftype = meta.get("general.file_type")
+    quant: dict[str, Any] = {"quant_method": "gguf", "file_type": _FILE_TYPES.get(ftype, ftype),
+                             "types": dict(sorted(counts.items())),
+                             "tokenizer": meta.get("tokenizer.ggml.model")}
+    for key in ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
+                "quantize.imatrix.chunks_count"):
+        if key in meta:
+            quant[key.removeprefix("quantize.")] = meta[key]
+    return {
+        "path": str(path),
+        "format": "gguf",
+        "quantization": quant,
+        "architecture": str(meta.get("general.architecture")),
+        "model_type": cfg["model_type"],
+        "layers": cfg["num_hidden_layers"],
+        "hidden_size": cfg["hidden_size"],
+        "vocab_size": cfg["vocab_size"],
+        "parameters": params,
+        "dtype": ",".join(sorted(counts)),
+        "bytes_on_disk": f.file_bytes(),
         "tensor_bytes": stored,
         "bits_per_weight": 8 * stored / params if params else 0.0,
         "tensors": tensors,
