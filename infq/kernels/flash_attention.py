@@ -31,27 +31,30 @@ def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, 
         if MASKED:
             kmask = kn < seqlen_k
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        else:
+            v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:  # whole tiles inside the sequence: no masks
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :])  # (BLOCK_N, D)
+            v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, D)
         if F32_DOT:  # the interpreter's bf16 dot multiplies raw bits; same products in fp32
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
         else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+            s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
         if MASKED:
             ok = (kn[None, :] <= qpos[:, None]) & (kn[None, :] < seqlen_k)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
-        p = tl.math.exp2(s - m_new[:, None])
+            s = tl.where(ok, s * qk_scale, float("-inf"))  # log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
+            s = s - m_new[:, None]
+        else:  # scale folded into one multiply-add (qk_scale > 0)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            s = s * qk_scale - m_new[:, None]
+        p = tl.math.exp2(s)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        else:
-            v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, D)
+        acc = acc * alpha[:, None]
         if F32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))  # p unrounded: its cast truncates
+            acc = tl.dot(p, v.to(tl.float32), acc)  # p unrounded: the interpreter's bf16 cast truncates
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, D)
+            acc = tl.dot(p.to(v.dtype), v, acc)  # (BLOCK_M, D), accumulated in place
         m_i = m_new
     return acc, l_i, m_i
 
@@ -109,8 +112,8 @@ def _kernel(Q, K, V, Out, cu_q, cu_k, qk_scale,
 def _configs() -> list[triton.Config]:
     """Hopper-sized tiles (H100/H200): 128-row query tiles, 64/128-key tiles, 2-3 pipeline stages."""
     out = []
-    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                                  (64, 64, 4, 3), (128, 32, 4, 4)]:
+    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
+                                  (128, 128, 8, 3), (64, 64, 4, 3)]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return out
 
@@ -171,7 +174,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_seq
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
                            scale: float | None = None) -> Tensor:
-    """Packed varlen attention: q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* (B+1,) int32,
+    """Packed varlen attention (scale > 0): q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* (B+1,) int32,
     max_seqlen_q/k the longest sequence lengths (host ints, so no device sync) -> (total_q, H, D).
     Same semantics as `ref.flash_attention_varlen_ref`; `max_seqlen_k` is accepted for API parity
     with flash-attn (the kernel reads each sequence's key length from cu_seqlens_k)."""

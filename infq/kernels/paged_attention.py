@@ -77,7 +77,7 @@ def _kernel(Q, KC, VC, KS, VS, BT, SL, Out, PM, PL, PA, qk_scale,
         if QUANT:
             vs = tl.load(VS + blk * stride_sb + slot * stride_ss + kvh, mask=valid, other=0.0)  # (N,)
             p = p * vs[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))  # (G, D)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])  # (G, D)
         m_i = m_new
     if SPLIT:
         S = tl.num_programs(2)
@@ -114,7 +114,7 @@ def _merge_kernel(PM, PL, PA, Out, stride_ob, stride_oh, n_heads, n_splits,
 def _configs() -> list[triton.Config]:
     """Decode is bandwidth-bound: a few key-tile widths and pipeline depths for H100/H200."""
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2)]]
+            for bn, w, s in [(32, 4, 3), (64, 4, 3), (128, 4, 2), (128, 8, 3)]]
 
 
 _tuned = triton.autotune(configs=_configs(), key=["ctx_bucket", "GROUP_P", "HEAD_DIM", "BLOCK_SIZE", "QUANT",
