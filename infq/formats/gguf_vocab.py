@@ -195,7 +195,7 @@ def _specials(meta: dict[str, Any], model_dir: Path) -> None:
     index = {t: i for i, t in enumerate(meta["tokens"])}
     for key in ("bos", "eos", "unk", "pad"):
         text = _token_text(tc.get(f"{key}_token"))
-        tid = index.get(text) if text is not None else None
+        tid: Any = index.get(text) if text is not None else None
         if tid is None:
             fallback = cfg.get(f"{key}_token_id")
             tid = fallback[0] if isinstance(fallback, list) and fallback else fallback

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,7 @@ def _read_gguf(path: Path) -> Imatrix:
     except (ValueError, IndexError, KeyError, struct.error, OverflowError) as exc:
         raise InfqError(f"imatrix {path} is not a readable GGUF file ({exc}); re-create it") from exc
 
-    def field_value(key: str) -> object:
+    def field_value(key: str) -> Any:
         f = reader.fields.get(key)
         return None if f is None else f.contents()
 

@@ -191,8 +191,8 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         out = {}
         for i, req in enumerate(reqs):
-            track = self.tracks[req.request_id]
-            if track.params.temperature == 0:
+            track = self.tracks.get(req.request_id)  # None: a static-batch filler, already reported
+            if track is None or track.params.temperature == 0:
                 out[req.request_id] = greedy[i]
             else:
                 out[req.request_id] = int(sample(logits[i:i + 1].float().cpu(), track.params, track.generator)[0])
