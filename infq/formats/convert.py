@@ -1,6 +1,7 @@
 """`convert_checkpoint`: lossless repacking between GPTQ, AWQ GEMM and compressed-tensors pack-quantized,
 and between the two FP8 layouts (compressed-tensors float-quantized, vLLM fp8; per-tensor scales only
-fit the latter).
+fit the latter). `--to gguf` (quantize into a GGUF file) and `--to hf` (a GGUF file decoded to an fp16
+HF folder) are handed to `formats.gguf_convert`.
 
 Every packed linear is decoded into a QuantizedTensor (the integer codes, scales and zero points
 it stores) and encoded in the target layout; nothing is requantized. A conversion the target
@@ -49,13 +50,26 @@ class ConvertRequest:
     force: bool = False
     gptq_format: str | None = None  # with to="gptq": "gptq" (v1) or "gptq_v2"; None: v1 if sym else v2
     max_shard_bytes: int = 4 * 2**30
+    type: str | None = None  # with to="gguf": F16, F32, a mix (Q4_K_M) or a GGML type (formats.gguf_convert)
 
 
 def convert_checkpoint(req: ConvertRequest) -> dict[str, Any]:
     """Repack `req.src` into `req.to` at `req.out`, verify it, and return the summary `infq convert` prints."""
     start = time.perf_counter()
+    if req.to in ("gguf", "hf"):
+        from infq.formats import gguf_convert
+
+        if req.gptq_format is not None:
+            raise InfqError(f"--gptq-format applies to --to gptq, not --to {req.to}; drop it")
+        if req.to == "hf":
+            if req.type is not None:
+                raise InfqError("--type applies to --to gguf; --to hf writes float16")
+            return gguf_convert.convert_gguf_to_hf(req.src, req.out, req.force)
+        return gguf_convert.convert_to_gguf(req.src, req.out, req.type, req.force)
+    if req.type is not None:
+        raise InfqError(f"--type applies to --to gguf; --to {req.to} repacks without requantizing")
     if req.to not in TARGETS:
-        raise InfqError(f"--to {req.to} is not a format infq converts to; use {', '.join(TARGETS)}")
+        raise InfqError(f"--to {req.to} is not a format infq converts to; use {', '.join(TARGETS)}, gguf or hf")
     src = resolve_model(req.src)
     fmt = detect_format(src)
     if fmt == "hf":

@@ -201,3 +201,72 @@ def hf_tokenizer_from_gguf(path: Path) -> Any:
                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); re-export the GGUF with a standard vocab") from None
     tok.model_max_length = 1 << 62
     return tok
+
+
+def _spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SPM's score order: every split (a, b) of a normal token t into two
+    tokens, ranked by t's score (highest first), ties by t's id, then by a's id."""
+    index: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        index.setdefault(t, i)
+    ranked = []
+    for i, t in enumerate(tokens):
+        if types[i] not in (1, 4) or len(t) < 2:  # NORMAL / USER_DEFINED pieces only
+            continue
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in index and b in index:
+                ranked.append((-scores[i], i, index[a], a, b))
+    ranked.sort()
+    return [(a, b) for *_, a, b in ranked]
+
+
+def save_hf_tokenizer(path: Path, meta: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """Write tokenizer.json + tokenizer_config.json for the GGUF vocab into `out_dir`; warnings.
+
+    "llama": a byte-fallback BPE over "▁" (the Llama-2 fast tokenizer layout) with the file's merges
+    when it carries them (infq writes them), else merges ranked by score (exact for distinct scores;
+    when the scores tie, as llama.cpp's converter writes them for tokenizer.json-only vocabs, the
+    order falls back to token ids and can differ from llama.cpp's leftmost-first merging).
+    "gpt2": transformers' own GGUF conversion, saved."""
+    if _get(meta, "model") != "llama":
+        hf_tokenizer_from_gguf(path).save_pretrained(str(out_dir))
+        return []
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    spm = tokenizer_from_gguf(path, meta)
+    assert isinstance(spm, SpmTokenizer)
+    warnings: list[str] = []
+    if _get(meta, "merges"):
+        merges = [tuple(m.split(" ", 1)) for m in _get(meta, "merges")]
+    else:
+        merges = _spm_merges(spm.tokens, spm.scores, spm.types)
+        if len(set(spm.scores)) < len(spm.scores) // 2:
+            warnings.append("the vocab's scores are mostly tied (llama.cpp's converter writes -1000 for tokenizer.json "
+                            "vocabs): the HF tokenizer's merge order is a reconstruction and may split some text "
+                            "differently from llama.cpp")
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(spm.tokens):
+        vocab.setdefault(t, i)
+    unk = spm.tokens[spm.unk_token_id] if spm.unk_token_id is not None else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    norm = [normalizers.Prepend(SPACE)] if spm.add_space_prefix else []
+    tok.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", SPACE)])
+    dec = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if spm.add_space_prefix else []))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(spm.tokens, spm.types, strict=True) if k in (CONTROL, 2)])
+    bos = spm.bos_token
+    if spm.add_bos and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, spm.bos_token_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=spm.eos_token, unk_token=unk,
+        pad_token=None if spm.pad_token_id is None else spm.tokens[spm.pad_token_id],
+        add_bos_token=spm.add_bos, add_eos_token=spm.add_eos, clean_up_tokenization_spaces=False)
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        fast.chat_template = template
+    fast.save_pretrained(str(out_dir))
+    return warnings
