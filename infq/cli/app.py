@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from infq import __version__
-from infq.cli import convert, eval, inspect, quantize, run
+from infq.cli import bench, convert, eval, inspect, quantize, run
 
 app = typer.Typer(
     name="infq",
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.command("quantize")(quantize.quantize)
 app.command("eval")(eval.eval_)
 app.command("run")(run.run)
+app.command("bench")(bench.bench)
 app.command("inspect")(inspect.inspect)
 app.command("convert")(convert.convert)
 
