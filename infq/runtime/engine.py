@@ -93,7 +93,7 @@ AUTO_KV_CAP = 4 * 2**30
 
 class Engine:
     def __init__(self, model: DecoderModel, config: EngineConfig | None = None, *, eos_ids: Sequence[int] = (),
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, speculator: Any = None) -> None:
         self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
         cfg, c = model.cfg, self.config
         self.eos_ids = frozenset(eos_ids)
@@ -112,6 +112,8 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.peak_running = 0
+        # speculative.Speculator: proposes drafts before each schedule, verifies them after the pass
+        self.speculator = speculator
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, max_tokens: int = 16,
                     *, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
@@ -140,6 +142,8 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(req, []) for req in self.scheduler.take_rejected()]
+        if self.speculator is not None:
+            self.speculator.propose(self)
         sched = self.scheduler.schedule()
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         if sched.num_tokens:
@@ -148,18 +152,21 @@ class Engine:
             sampled = self._run(sched, list(reqs.values()))
             self.steps += 1
             finished = {r.request_id for r in self.scheduler.update(sched, sampled)}
+            if self.speculator is not None:
+                self.speculator.after_step(self, sched)
             now = time.perf_counter()
             for rid, token in sampled.items():
+                new = token if isinstance(token, list) else [token]  # a list: speculative decoding
                 req = reqs[rid]
                 if req.padding and rid not in finished:
                     continue
                 track = self.tracks[rid]
                 if track.first_token is None:
                     track.first_token = now
-                track.decode_times.append(now)
+                track.decode_times.extend([now] * len(new))
                 if track.stop and not req.finished:
                     self._check_stop_strings(req, track)
-                outputs.append(self._output(req, [token]))
+                outputs.append(self._output(req, new))
         for out in outputs:
             if out.finished:
                 del self.tracks[out.request_id]
@@ -173,10 +180,11 @@ class Engine:
         sampling: list[Request] = []
         for req in reqs:
             s, n = req.num_computed, sched.num_tokens[req.request_id]
-            ids.extend(req.token_ids[s:s + n])
+            spec = req.spec_token_ids  # draft tokens to verify: logits for each of them and the bonus
+            ids.extend((req.token_ids + spec)[s:s + n] if spec else req.token_ids[s:s + n])
             positions.extend(range(s, s + n))
-            if s + n == req.num_tokens:
-                rows.append(len(ids) - 1)
+            if s + n == req.num_tokens + len(spec):
+                rows.extend(range(len(ids) - 1 - len(spec), len(ids)))
                 sampling.append(req)
         dev = self.model.device
         batch = build_batch([r.block_table for r in reqs], [r.num_computed for r in reqs],
@@ -184,6 +192,8 @@ class Engine:
         layers = [PagedLayer(self.backend, self.kv, i, batch) for i in range(self.model.cfg.num_layers)]
         logits = self.model.forward_paged(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                                           layers, torch.tensor(rows, dtype=torch.long, device=dev))  # (R, V)
+        if self.speculator is not None:
+            return self.speculator.verify(self, logits, sampling)
         return self._sample(logits, sampling)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[Any, int]:

@@ -82,6 +82,13 @@ class BlockPool:
             self._release(block)
         table.clear()
 
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Drop the blocks of `table` past the first `num_tokens` tokens (speculative decoding
+        rolls back the slots of rejected draft tokens this way)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(table) > keep:
+            self._release(table.pop())
+
     def fork(self, table: list[int]) -> list[int]:
         """A second table sharing every block of `table` (e.g. parallel samples of one prompt)."""
         for block in table:

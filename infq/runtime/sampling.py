@@ -33,6 +33,12 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     """Next token ids (B,) from logits (B, V)."""
     if params.temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(probs(logits, params), 1, generator=generator)[:, 0]
+
+
+def probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution (B, V) float32 that `sample` draws from (temperature > 0): temperature,
+    then top-k, then top-p. Speculative decoding compares these for the target and the draft."""
     logits = logits.float() / params.temperature  # (B, V)
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
@@ -43,5 +49,4 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return logits.softmax(-1)

@@ -44,6 +44,7 @@ class Request:
     error: str | None = None
     output_ids: list[int] = field(default_factory=list)  # final outputs, set when finished
     padding: bool = False  # static batching: finished, still decoding to hold its place
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify this step (speculative.py)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -126,7 +127,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            spec = req.spec_token_ids  # drafts ride along as lookahead tokens; those past the budget are dropped
+            n = min(req.num_tokens + len(spec) - req.num_computed, budget)
+            del spec[max(0, req.num_computed + n - req.num_tokens):]
             while not self.pool.grow(req.block_table, req.num_computed + n):
                 victim = self.running.pop()  # the newest; never one scheduled already this step
                 self._preempt(victim)
@@ -150,6 +153,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.pool.free(req.block_table)
+        req.spec_token_ids.clear()
         req.num_computed = req.num_registered = 0
         if req.padding:  # a static-batch filler: nothing to resume
             self.requests.pop(req.request_id, None)
@@ -181,25 +185,35 @@ class Scheduler:
                 budget -= n
 
     # -- results ----------------------------------------------------------------------------------
-    def update(self, out: SchedulerOutput, sampled: dict[Any, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[Any, int | list[int]]) -> list[Request]:
         """Advance every scheduled request by its tokens and append the sampled token of each that
-        reached its end; returns the requests that finished this step."""
+        reached its end; returns the requests that finished this step. Speculative decoding passes a
+        list instead: the accepted drafts, then one sampled token. The rejected drafts' KV is rolled
+        back (their blocks freed), and a list is cut in place to the tokens kept before a stop."""
         finished = []
         for rid, n in out.num_tokens.items():
             req = self.requests[rid]
             req.num_computed += n
+            new = sampled.get(rid)
+            if isinstance(new, list):
+                req.num_computed -= len(req.spec_token_ids) - (len(new) - 1)  # drop the rejected drafts' KV
+                req.spec_token_ids.clear()
+                self.pool.truncate(req.block_table, req.num_computed)
+                req.token_ids.extend(new[:-1])
             req.num_registered = self.pool.cache_full_blocks(
                 req.block_table, req.token_ids, req.num_computed, req.keys, req.num_registered)
             if req.num_computed < req.num_tokens:
                 continue  # a chunk of a prefill: its logits are not needed
-            req.token_ids.append(sampled[rid])
+            tokens = new if isinstance(new, list) else [sampled[rid]]
+            req.token_ids.append(tokens[-1])
             if req.padding:
                 if req.num_tokens >= self.max_model_len:
                     self._release(req)
                 continue
-            reason = self.stop_reason(req)
-            if reason is not None:
-                self.finish(req, reason)
+            stop = self._first_stop(req, len(tokens))
+            if stop is not None:
+                del tokens[stop[1] - (req.num_outputs - len(tokens)):]
+                self.finish(req, *stop)
                 finished.append(req)
         if self.static and self.running and all(r.padding for r in self.running):
             for req in list(self.running):
@@ -211,6 +225,15 @@ class Scheduler:
             return "stop"
         if req.num_outputs >= req.max_tokens:
             return "length"
+        return None
+
+    def _first_stop(self, req: Request, count: int) -> tuple[str, int] | None:
+        """The first stop among the last `count` outputs: (reason, outputs kept up to it)."""
+        for kept in range(req.num_outputs - count + 1, req.num_outputs + 1):
+            if req.token_ids[len(req.prompt_ids) + kept - 1] in req.stop_token_ids:
+                return "stop", kept
+            if kept >= req.max_tokens:
+                return "length", kept
         return None
 
     def finish(self, req: Request, reason: str, num_outputs: int | None = None) -> None:
