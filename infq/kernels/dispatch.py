@@ -174,6 +174,7 @@ class Int8PackKernel:
         self.scale = scale.reshape(-1).to(dtype).contiguous()  # (N,)
         self.dtype = dtype
         self.nbytes = self.codes.numel() + self.scale.numel() * self.scale.element_size()
+        self._op = torch.ops.aten._weight_int8pack_mm.default
 
     @classmethod
     def build(cls, qt: QuantizedTensor, dtype: torch.dtype) -> Int8PackKernel | None:
@@ -186,11 +187,16 @@ class Int8PackKernel:
         return cls(c, qt.scales[:, 0], dtype)
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype).contiguous()  # (M, K)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale)  # (M, N)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        y = self._op(x2.contiguous(), self.codes, self.scale)  # (M, N)
         if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+            y = y + bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
 
 
 class Int4PackKernel:
@@ -223,20 +229,28 @@ class Int4PackKernel:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)  # (N', P K / 2)
         self.sz = sz.transpose(0, 1).to(dtype).contiguous()  # (P K / g, N', 2)
         self.perm, self.group, self.n, self.planes, self.dtype = aff.perm, g, n, len(planes), dtype
+        self._op = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload, looked up once
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.packed, self.sz))
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)  # (M, K)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if self.planes == 2:
             x2 = torch.cat([x2, x2], 1)  # (M, 2K) against [high plane | low plane]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.sz)  # (M, N')
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self._op(x2, self.packed, self.group, self.sz)  # (M, N')
         if y.shape[1] != self.n:
             y = y[:, : self.n]
         if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.n)
+            y = y + bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], self.n) if y.is_contiguous() else y.reshape(*shape[:-1], self.n)
 
 
 def kernel_group(group: int, k: int) -> int | None:
