@@ -36,6 +36,7 @@ class KquantOptions:
     mix: str
     overrides: tuple[tuple[str, str], ...]
     config: QuantConfig
+    device: str = "cpu"
 
 
 def check_request(req: Any) -> KquantOptions:
@@ -60,7 +61,7 @@ def check_request(req: Any) -> KquantOptions:
     default = kquant_mix.default_type(mix)  # InfqError listing the mixes
     config = QuantConfig(method="kquant", bits=_BITS[default], group_size=-1, nsamples=req.nsamples,
                          seqlen=req.seqlen)
-    return KquantOptions(mix, kquant_mix.parse_overrides(req.tensor_types), config)
+    return KquantOptions(mix, kquant_mix.parse_overrides(req.tensor_types), config, req.device)
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -181,10 +182,13 @@ def _encode(out: Path, src: Path, meta_config: dict[str, Any], ckpt: Any, names:
         extra["quantize.imatrix.chunks_count"] = im.chunk_count
     task = bar.add_task("encode", total=len(names), info="") if bar is not None else None
     clock = {"encode": 0.0, "done": 0}
+    device = torch.device(opts.device)
 
     def produce(hf: str) -> Any:
         name, t0 = gguf_name(hf), time.perf_counter()
         weight = ckpt.get(hf).to(torch.float32)  # (out, in) or (d,)
+        if device.type != "cpu" and weight.dim() == 2:
+            weight = weight.to(device)  # --device cuda: the block fits run on the GPU
         qtype = types[name]
         if qtype in dict(kquant_mix.FLOAT_TYPES):
             value: Any = weight

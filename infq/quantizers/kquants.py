@@ -560,6 +560,8 @@ def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = No
     """Encode weight (rows, n) as GGML `qtype` blocks -> uint8 (rows, n/block * type_size).
 
     imatrix: per-input-channel importance (mean x^2), shape (n,). search False: plain RTN baseline.
+    The math runs on the weight's device (a CUDA weight encodes on the GPU, in bigger row chunks;
+    float32 sums may then round differently in the last bit); the bytes come back to the host.
     """
     t = block_type(qtype)
     if weight.dim() != 2:
@@ -568,21 +570,22 @@ def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = No
     if n % t.block:
         raise InfqError(f"row length {n} is not a multiple of {t.name}'s block of {t.block}; "
                         "use a fallback type (Q5_0/Q5_1/Q8_0 for 32-divisible rows, else F16)")
-    x = weight.detach().to(device="cpu", dtype=torch.float32)
+    x = weight.detach().to(dtype=torch.float32)  # on the weight's device
     if not bool(torch.isfinite(x).all()):
         raise InfqError("weight contains NaN or inf; fix or skip this tensor before quantizing")
     qw = None
     if imatrix is not None:
-        qw = imatrix.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        qw = imatrix.detach().to(device=x.device, dtype=torch.float32).reshape(-1)
         if qw.numel() != n or not bool(torch.isfinite(qw).all()) or bool((qw < 0).any()):
             raise InfqError(f"importance matrix must hold {n} finite non-negative values (one per input "
                             f"channel), got {qw.numel()}; recompute it for this model")
         qw = qw.view(n // t.block, t.block)
     out = np.empty((rows, n // t.block * t.nbytes), dtype=np.uint8)
-    step = max(1, _ROW_CHUNK_ELEMENTS // max(n, 1))
+    chunk = _ROW_CHUNK_ELEMENTS if x.device.type == "cpu" else _ROW_CHUNK_ELEMENTS * 16
+    step = max(1, chunk // max(n, 1))
     for r0 in range(0, rows, step):  # row chunks bound memory; every block in a chunk is encoded at once
         xb = x[r0:r0 + step].view(-1, n // t.block, t.block)  # (R, NB, block)
-        out[r0:r0 + step] = _encode_guarded(t, xb, qw, search).reshape(xb.shape[0], -1).numpy()
+        out[r0:r0 + step] = _encode_guarded(t, xb, qw, search).reshape(xb.shape[0], -1).cpu().numpy()
     return out
 
 
