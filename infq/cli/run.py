@@ -7,6 +7,8 @@ it finishes. `--json` prints one object per prompt instead.
 
 from __future__ import annotations
 
+import time
+
 import typer
 
 from infq.cli.common import cli_errors, human_bytes, print_json
@@ -31,6 +33,8 @@ def run(
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn automatic prefix caching off."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    draft: str = typer.Option(None, "--draft", help="Speculative decoding: a draft checkpoint sharing the tokenizer, or 'ngram' (prompt lookup)."),
+    num_draft: str = typer.Option("4", "--num-draft", help="Draft tokens per step, K >= 1, or 'auto' (adapted per request to its acceptance rate)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt instead of streaming."),
 ) -> None:
     """Generate text. Example: infq run qwen-awq --prompt "The capital of France is" """
@@ -50,17 +54,25 @@ def run(
                               prefix_caching=not no_prefix_cache)
         if max_new_tokens < 1:
             raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-        engine, _ = open_engine(model, config, dtype, device)
+        engine, loaded = open_engine(model, config, dtype, device)
+        if draft is not None:
+            from infq.runtime.speculative import build_speculator, warm_up
+
+            engine.speculator = build_speculator(engine, loaded, draft, num_draft, dtype, device)
+            warm_up(engine, engine.tokenizer(prompts[0]).input_ids)  # the speedup compares warm runs
         stream = prompt is not None and not json_out
         on_output = (lambda _i, out: typer.echo(out.new_text, nl=False)) if stream else None
+        start = time.perf_counter()
         results = run_prompts(engine, prompts, max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
                               on_output=on_output)
+        spec = _speculative(engine, prompts, results, time.perf_counter() - start, max_new_tokens, params,
+                            ignore_eos, stop) if draft is not None else {}
         memory = _memory(engine)
         if prompt is not None and "error" in results[0]:
             raise InfqError(results[0]["error"])
         for i, res in enumerate(results):
             if json_out:
-                print_json({**res, **memory})
+                print_json({**res, **memory, **spec})
             elif "error" in res:
                 typer.echo(f"[prompt {i}] rejected: {res['error']}", err=True)
             else:
@@ -74,9 +86,22 @@ def run(
                     + (f"; GPU peak {human_bytes(memory['gpu_peak_bytes'])}" if memory.get("gpu_peak_bytes") else "") + "]",
                     err=True,
                 )
+        if spec and not json_out:
+            typer.echo(
+                f"[speculative ({spec['draft']}, K={spec['num_draft']}): acceptance {spec['acceptance_rate']:.2f}, "
+                f"{spec['tokens_per_target_step']:.2f} tokens per target step; {spec['speedup']:.2f}x plain decoding "
+                f"({spec['speculative_seconds']:.2f} s vs {spec['plain_seconds']:.2f} s)]", err=True)
         failed = sum("error" in r for r in results)
         if failed:
             raise InfqError(f"{failed} of {len(results)} prompts were rejected (see their error {'fields' if json_out else 'lines'})")
+
+
+def _speculative(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos, stop) -> dict:
+    """Acceptance, tokens per target step, and the speedup over the same prompts decoded plainly."""
+    from infq.runtime.speculative import compare_with_plain
+
+    return compare_with_plain(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos=ignore_eos,
+                              stop=stop or ())
 
 
 def _memory(engine) -> dict:
