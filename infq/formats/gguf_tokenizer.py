@@ -229,6 +229,8 @@ def save_hf_tokenizer(path: Path, meta: Mapping[str, Any], out_dir: Path) -> lis
     when the scores tie, as llama.cpp's converter writes them for tokenizer.json-only vocabs, the
     order falls back to token ids and can differ from llama.cpp's leftmost-first merging).
     "gpt2": transformers' own GGUF conversion, saved."""
+    if _get(meta, "model") is None or not _get(meta, "tokens"):
+        return [f"{path} holds no tokenizer: the HF folder has none; copy the original model's tokenizer files into it"]
     if _get(meta, "model") != "llama":
         hf_tokenizer_from_gguf(path).save_pretrained(str(out_dir))
         return []
