@@ -103,14 +103,19 @@ def hf_decode(path: str, dtype: Any, device: str, prompt_len: int, gen_len: int,
         return time.perf_counter() - t
 
     timed(2)  # warm-up
-    one = min(timed(1) for _ in range(reps))
-    full = min(timed(gen_len) for _ in range(reps))
-    return {"hf_decode_tokens_per_s": (gen_len - 1) / max(full - one, 1e-9), "hf_ttft_s": one,
+    return {"hf_decode_tokens_per_s": _decode_rate(timed, gen_len, reps), "hf_ttft_s": min(timed(1) for _ in range(reps)),
             "transformers": transformers.__version__}
 
 
+def _decode_rate(timed: Any, gen_len: int, reps: int) -> float | None:
+    """(n - 1) / (best time for n tokens - best time for 1); None when noise swamps the difference."""
+    one = min(timed(1) for _ in range(reps))
+    full = min(timed(gen_len) for _ in range(reps))
+    return (gen_len - 1) / (full - one) if full > one else None
+
+
 def engine_decode_batch1(model: Any, config: Any, prompt_len: int, gen_len: int, seed: int = 0,
-                         reps: int = 3) -> float:
+                         reps: int = 3) -> float | None:
     """The engine measured exactly as `hf_decode` measures transformers (best of `reps`)."""
     from infq.runtime.engine import Engine
 
@@ -123,9 +128,7 @@ def engine_decode_batch1(model: Any, config: Any, prompt_len: int, gen_len: int,
         return time.perf_counter() - t
 
     timed(2)
-    one = min(timed(1) for _ in range(reps))
-    full = min(timed(gen_len) for _ in range(reps))
-    return (gen_len - 1) / max(full - one, 1e-9)
+    return _decode_rate(timed, gen_len, reps)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""Serving benchmark of infq's runtime: `infq bench` on the demo model (and a GPTQ copy of it),
+on the CPU and, where one is present, a CUDA GPU; writes bench/results/runtime_<setting>.json and a
+PNG chart beside each. Every run is a fresh `infq bench ... --json` process, so the transformers
+baseline and infq are measured in the same process on the same machine.
+
+    python bench/runtime_bench.py                 # all settings this machine has
+    python bench/runtime_bench.py --only cpu_fp32  # one of them
+    python bench/runtime_bench.py --quick          # small sizes, to check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, infq, write
+
+QUICK = ["--batch-sizes", "1,4", "--gen-len", "8", "--requests", "8", "--output-lens", "4:32", "--prompt-lens",
+         "8:32", "--system-len", "64"]
+
+
+def settings(gptq_dir: Path) -> dict[str, list[str]]:
+    import torch
+
+    out = {
+        "cpu_fp32": ["demo", "--device", "cpu", "--dtype", "float32"],
+        "cpu_fp32_kv_int8": ["demo", "--device", "cpu", "--dtype", "float32", "--kv-dtype", "int8", "--no-hf"],
+        "cpu_gptq_w4": [str(gptq_dir), "--device", "cpu", "--dtype", "float32"],
+    }
+    if torch.cuda.is_available():
+        big = ["--batch-sizes", "1,2,4,8,16,32,64,128", "--requests", "256", "--rate", "200"]
+        out["cuda_bf16"] = ["demo", "--device", "cuda", "--dtype", "bfloat16", *big]
+        out["cuda_fp16_kv_fp8"] = ["demo", "--device", "cuda", "--dtype", "float16", "--kv-dtype", "fp8", "--no-hf",
+                                   *big]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", help="run only these settings")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; results not written)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        gptq = Path(tmp) / "demo-gptq-w4g128"
+        runs = settings(gptq)
+        if not args.only or "cpu_gptq_w4" in args.only:
+            subprocess.run([sys.executable, "-m", "infq", "quantize", "--method", "gptq", "--bits", "4", "--out",
+                            str(gptq), "--nsamples", "32", "--json"], check=True, capture_output=True)
+        for name, cli in runs.items():
+            if args.only and name not in args.only:
+                continue
+            chart = RESULTS / f"runtime_{name}.png"
+            extra = QUICK if args.quick else []
+            result = infq("bench", *cli, *extra, "--chart", str(chart) if not args.quick else "", timeout=3600)
+            summary = {k: result.get(k) for k in ("decode_tokens_per_s", "hf_decode_tokens_per_s",
+                                                  "engine_decode_tokens_per_s_batch1", "continuous_over_static")}
+            print(name, summary, flush=True)
+            if not args.quick:
+                write(f"runtime_{name}.json", {"setting": name, "command": ["infq", "bench", *cli, "--json"],
+                                               "result": result})
+
+
+if __name__ == "__main__":
+    main()
