@@ -18,21 +18,27 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, lo, hi, seqlen_k,
-                  qk_scale, offs_n, offs_d, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) with key tiles [lo, hi) of one sequence/head."""
+def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, KD, VD, row0, col0, qpos, lo, hi,
+                  seqlen_k, qk_scale, offs_n, offs_d, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                  F32_DOT: tl.constexpr, TMA: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with key tiles [lo, hi) of one sequence/head. Whole
+    tiles come through the tensor descriptors KD/VD (TMA) when TMA, else through pointers."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         kn = start_n + offs_n  # (BLOCK_N,)
         if MASKED:
             kmask = kn < seqlen_k
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :], mask=kmask[:, None], other=0.0)
             v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        else:  # whole tiles inside the sequence: no masks
+        elif TMA:  # whole tiles inside the sequence: bulk copies, no masks
+            k = KD.load([row0 + start_n, col0])  # (BLOCK_N, D)
+            v = VD.load([row0 + start_n, col0])
+        else:
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :])  # (BLOCK_N, D)
             v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, D)
         if F32_DOT:  # the interpreter's bf16 dot multiplies raw bits; same products in fp32
@@ -60,11 +66,12 @@ def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, 
 
 
 @triton.jit
-def _kernel(Q, K, V, Out, cu_q, cu_k, qk_scale,
+def _kernel(Q, K, V, KD, VD, Out, cu_q, cu_k, qk_scale,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
             seq_bucket, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-            F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(max_seqlen_q, BLOCK_M), H, B); the largest query tiles (most causal work) go first."""
+            F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M), H, B); the largest query tiles (most causal work) go first.
+    KD/VD: descriptors over k/v viewed as (total_k, Hkv * D) with (BLOCK_N, D) blocks, when TMA."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -100,25 +107,44 @@ def _kernel(Q, K, V, Out, cu_q, cu_k, qk_scale,
         qpos = offs_m + seqlen_k  # every key is visible
         full_hi = seqlen_k // BLOCK_N * BLOCK_N
         hi = seqlen_k
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, 0, full_hi,
-                                  seqlen_k, qk_scale, offs_n, offs_d, False, BLOCK_N, F32_DOT)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, full_hi, hi,
-                                  seqlen_k, qk_scale, offs_n, offs_d, True, BLOCK_N, F32_DOT)
+    col0 = kvh * HEAD_DIM
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, KD, VD, k_start, col0,
+                                  qpos, 0, full_hi, seqlen_k, qk_scale, offs_n, offs_d, False, BLOCK_N, F32_DOT, TMA)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, KD, VD, k_start, col0,
+                                  qpos, full_hi, hi, seqlen_k, qk_scale, offs_n, offs_d, True, BLOCK_N, F32_DOT, TMA)
     out = acc / l_i[:, None]
     o_ptrs = Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=qmask[:, None])
 
 
+def _set_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: the descriptors' block shape follows the config's BLOCK_N."""
+    for name in ("KD", "VD"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
 def _configs() -> list[triton.Config]:
-    """Hopper-sized tiles (H100/H200): 128-row query tiles, 64/128-key tiles, 2-3 pipeline stages."""
+    """Hopper-sized tiles (H100/H200): 128-row query tiles, 64/128-key tiles, 2-4 pipeline stages,
+    whole key tiles by TMA or by pointer loads."""
     out = []
     for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
                                   (128, 128, 8, 3), (64, 64, 4, 3)]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+        for tma in (False, True):
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=warps,
+                                     num_stages=stages, pre_hook=_set_blocks))
     return out
 
 
-_tuned = triton.autotune(configs=_configs(), key=["seq_bucket", "GROUP", "IS_CAUSAL", "HEAD_DIM"])(_kernel)
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """No TMA configs when k/v could not be described (unaligned strides, pre-Hopper GPU)."""
+    if isinstance(named_args["KD"], TensorDescriptor):
+        return configs
+    return [c for c in configs if not c.kwargs["TMA"]]
+
+
+_tuned = triton.autotune(configs=_configs(), key=["seq_bucket", "GROUP", "IS_CAUSAL", "HEAD_DIM"],
+                         prune_configs_by={"early_config_prune": _prune})(_kernel)
 
 
 def _interpreting() -> bool:
@@ -146,27 +172,45 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> None:
         raise ValueError("all tensors must be on one device")
 
 
+def _descriptor(x: Tensor, block_n: int) -> TensorDescriptor | None:
+    """x (T, Hkv, D) as a 2-D (T, Hkv * D) TMA descriptor, where the layout allows one (heads packed,
+    16-byte aligned rows and base) on a Hopper-or-newer GPU or under the interpreter."""
+    t, hkv, d = x.shape
+    if not (_interpreting() or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)):
+        return None
+    es = x.element_size()
+    if t == 0 or (x.stride(1) != d and hkv > 1) or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
+        return None
+    return TensorDescriptor(x, [t, hkv * d], [x.stride(0), 1], [block_n, d])
+
+
 def _launch(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_seqlen_q: int, causal: bool,
-            scale: float, config: tuple[int, int, int, int] | None) -> Tensor:
-    """config = (BLOCK_M, BLOCK_N, num_warps, num_stages) or None to autotune."""
+            scale: float, config: tuple[int, int, int, int, bool] | None) -> Tensor:
+    """config = (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA) or None to autotune."""
     _check(q, k, v, cu_q, cu_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (total_q, H, D)
     n_seq = cu_q.shape[0] - 1
     if n_seq == 0 or max_seqlen_q == 0 or q.shape[0] == 0:
         return out
     h, d = q.shape[1], q.shape[2]
-    args = (q, k, v, out, cu_q, cu_k, scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    bn = 64 if config is None else config[1]
+    kd, vd = _descriptor(k, bn), _descriptor(v, bn)
+    if kd is None or vd is None:
+        kd = vd = k  # unused: pointer loads only
+    args = (q, k, v, kd, vd, out, cu_q, cu_k, scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1), min(triton.next_power_of_2(max_seqlen_q), 8192))
     meta = dict(GROUP=h // k.shape[1], IS_CAUSAL=causal, HEAD_DIM=d, F32_DOT=_interpreting() and q.dtype == torch.bfloat16)
     if config is None and _interpreting():
-        config = (16, 16, 4, 1)
+        config = (16, 16, 4, 1, False)
     if config is None:
         def grid(m):
             return (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), h, n_seq)
         _tuned[grid](*args, **meta)
     else:
-        bm, bn, warps, stages = config
-        _kernel[(triton.cdiv(max_seqlen_q, bm), h, n_seq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+        bm, bn, warps, stages, tma = config
+        if tma and not isinstance(kd, TensorDescriptor):
+            raise ValueError("TMA asked for, but k/v cannot be described (layout or device)")
+        _kernel[(triton.cdiv(max_seqlen_q, bm), h, n_seq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, TMA=tma,
                                                            num_warps=warps, num_stages=stages)
     return out
 

@@ -239,7 +239,8 @@ def _round_to_e4m3(y):
 
 @triton.jit
 def _store_row(X, C, S, t, slot, kvh, stride_xt, stride_xh, stride_cb, stride_cs, stride_ch, stride_sb, stride_ss,
-               offs_d, QUANT: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+               offs_d, QUANT: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               RECIP: tl.constexpr):
     """One (token, kv head) row of K or V into its cache slot, quantized as `ref.quantize_kv_ref` does."""
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
@@ -247,7 +248,10 @@ def _store_row(X, C, S, t, slot, kvh, stride_xt, stride_xh, stride_cb, stride_cs
     dst = C + blk * stride_cb + off * stride_cs + kvh * stride_ch + offs_d
     if QUANT:
         amax = tl.max(tl.abs(x), 0)
-        sc = tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
+        if RECIP:  # PyTorch on CUDA divides by a Python scalar as a multiply by its fp32 reciprocal
+            sc = tl.where(amax > 0, amax * (1.0 / QMAX), 1.0)
+        else:  # on CPU it divides
+            sc = tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
         y = tl.math.div_rn(x, sc)
         if IS_INT8:
             y = tl.minimum(tl.maximum(_round_half_even(y), -QMAX), QMAX)
@@ -264,7 +268,7 @@ def _store_row(X, C, S, t, slot, kvh, stride_xt, stride_xh, stride_cb, stride_cs
 def _write_kernel(K, V, KC, VC, KS, VS, SM, stride_kt, stride_kh, stride_vt, stride_vh,
                   stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_sb, stride_ss,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, IS_INT8: tl.constexpr,
-                  QMAX: tl.constexpr):
+                  QMAX: tl.constexpr, RECIP: tl.constexpr):
     """Grid (T, Hkv): token t's kv head row of K and of V. Negative slots (padding tokens) are skipped."""
     t = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -273,16 +277,17 @@ def _write_kernel(K, V, KC, VC, KS, VS, SM, stride_kt, stride_kh, stride_vt, str
         return
     offs_d = tl.arange(0, HEAD_DIM)
     _store_row(K, KC, KS, t, slot, kvh, stride_kt, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_sb,
-               stride_ss, offs_d, QUANT, IS_INT8, QMAX, BLOCK_SIZE)
+               stride_ss, offs_d, QUANT, IS_INT8, QMAX, BLOCK_SIZE, RECIP)
     _store_row(V, VC, VS, t, slot, kvh, stride_vt, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_sb,
-               stride_ss, offs_d, QUANT, IS_INT8, QMAX, BLOCK_SIZE)
+               stride_ss, offs_d, QUANT, IS_INT8, QMAX, BLOCK_SIZE, RECIP)
 
 
 def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
              k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
     """Store new tokens' K/V (T, Hkv, D) at flat slots `slot_mapping` (T,) int64 (block * block_size +
     offset) of the paged cache, quantizing per (token, head) into int8/fp8 caches with float32 scales
-    in k_scale/v_scale, as `ref.write_kv_ref` does. Unlike the reference, a negative slot (a padding
+    in k_scale/v_scale, bit for bit as `ref.write_kv_ref` does on the same device (its `amax / qmax`
+    is a true division on CPU, a reciprocal multiply on CUDA; the kernel follows). Unlike the reference, a negative slot (a padding
     token) is skipped rather than indexed from the end."""
     nb, bs, hkv, d = k_cache.shape
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (hkv, d) or v_cache.shape != k_cache.shape:
@@ -306,4 +311,4 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
         k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), sb, ss, HEAD_DIM=d, BLOCK_SIZE=bs, QUANT=quant, IS_INT8=k_cache.dtype == torch.int8,
-        QMAX=KV_QMAX.get(k_cache.dtype, 1.0), num_warps=1 if d <= 64 else 2)
+        QMAX=KV_QMAX.get(k_cache.dtype, 1.0), RECIP=not _interpreting(), num_warps=1 if d <= 64 else 2)

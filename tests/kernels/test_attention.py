@@ -71,9 +71,15 @@ def test_flash_varlen_matches_reference(dtype, d, n_heads, n_kv):
     _varlen_case(lq, lk, n_heads, n_kv, d, dtype)
 
 
-def test_flash_hopper_tiles_straddle_64():
-    # the tile shape the autotuner picks on H100/H200, run through the interpreter
-    _varlen_case([63, 64, 65], [63, 100, 65], 2, 1, 64, torch.float16, config=(64, 32, 4, 1))
+@pytest.mark.parametrize("tma", [False, True])
+def test_flash_hopper_tiles_straddle_64(tma):
+    # a Hopper tile shape through the interpreter; whole key tiles by pointers or by TMA descriptors
+    _varlen_case([63, 64, 65], [63, 100, 65], 2, 1, 64, torch.float16, config=(64, 32, 4, 1, tma))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_tma_varlen_gqa(dtype):
+    _varlen_case([15, 0, 1, 16, 17], [15, 0, 1, 33, 40], 8, 2, 128, dtype, config=(16, 16, 4, 1, True))
 
 
 def test_flash_non_causal_and_prefix():

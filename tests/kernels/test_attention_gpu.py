@@ -34,7 +34,8 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     from infq.kernels import fused
     from infq.kernels import paged_attention as pa
 DEV = "cuda"
-HOPPER_CFG = (128, 64, 4, 3)  # one of the autotuned FlashAttention configs, fixed to keep compiles few
+HOPPER_CFG = (128, 64, 4, 3, False)  # one of the autotuned FlashAttention configs, fixed to keep compiles few
+HOPPER_TMA = (128, 128, 8, 3, True)
 
 
 def _cu(lens: list[int]) -> torch.Tensor:
@@ -72,6 +73,13 @@ def test_flash_varlen_compiled(dtype, d, n_heads, n_kv):
 
 def test_flash_non_causal_compiled():
     _varlen([65, 200], [300, 200], 4, 2, 128, torch.float16, causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_flash_tma_compiled(dtype, d):
+    _varlen([127, 0, 1, 128, 129, 700], [127, 0, 1, 300, 129, 1000], 8, 2, d, dtype, config=HOPPER_TMA)
+    _varlen([65, 200], [300, 200], 4, 1, d, dtype, causal=False, config=HOPPER_TMA)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -155,7 +163,7 @@ def test_fused_compiled(dtype):
     out, h = fused.rms_norm(x, w, 1e-5, residual=r)
     assert torch.equal(h, x + r)  # compiled, the sum rounds exactly as PyTorch's add
     assert_within_baseline(out, rms_norm_ref(h.double(), w.double(), 1e-5), rms_norm_ref(h, w, 1e-5))
-    gate, up = x[:, :2000], r[:, 2000:]
+    gate, up = x[:, :2000], r[:, 2000:4000]  # strided halves
     assert_within_baseline(fused.silu_mul(gate, up), silu_mul_ref(gate.double(), up.double()),
                            silu_mul_ref(gate, up))
     q = x[:, :32 * 128].view(300, 32, 128)
