@@ -83,9 +83,9 @@ def test_demo_sentencepiece_style_vocab(tmp_path: Path) -> None:
     back = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     scores = _field(r, "tokenizer.ggml.scores")
     for text in TEXTS:  # transformers' GGUF llama tokenizer differs only on text opening with spaces
-        ids = orig(text)["input_ids"]
-        assert back(text)["input_ids"] == ids
-        assert [1, *_spm_like_llama_cpp(text, tokens, scores)] == ids
+        ids = orig(text, add_special_tokens=False)["input_ids"]  # BOS: the add_bos_token flag, checked above
+        assert back(text, add_special_tokens=False)["input_ids"] == ids
+        assert _spm_like_llama_cpp(text, tokens, scores) == ids
 
 
 def _byte_level_model_dir(tmp_path: Path) -> Path:
@@ -123,7 +123,7 @@ def test_byte_level_bpe_vocab(tmp_path: Path) -> None:
     orig = transformers.AutoTokenizer.from_pretrained(d)
     back = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in TEXTS:
-        assert back(text)["input_ids"] == orig(text)["input_ids"]
+        assert back(text, add_special_tokens=False)["input_ids"] == orig(text, add_special_tokens=False)["input_ids"]
 
 
 def test_unconvertible_tokenizer_warns(tmp_path: Path, tiny_tokenizer) -> None:
@@ -132,3 +132,32 @@ def test_unconvertible_tokenizer_warns(tmp_path: Path, tiny_tokenizer) -> None:
     assert meta is None and any("external tokenizer" in w for w in warnings)
     meta, warnings = tokenizer_metadata(tmp_path, 320)
     assert meta is None and "no tokenizer.json" in warnings[0]
+
+
+def test_sentencepiece_model_file(tmp_path: Path) -> None:
+    """A tokenizer.model (SentencePiece BPE with byte fallback, trained here): pieces, scores and types
+    as sentencepiece reports them, and llama.cpp's merge rule over them gives sentencepiece's ids.
+    Runs where the sentencepiece package is installed."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t for t in TEXTS * 30) + "\n" + Path(json.__file__).read_text())
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "unk_token": "<unk>", "add_bos_token": True}))
+    meta, warnings = tokenizer_metadata(d, 500)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    assert warnings == [] and meta["model"] == "llama"
+    r = gguf.GGUFReader(_write(tmp_path, meta))
+    tokens, scores = _field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.scores")
+    assert tokens == [sp.id_to_piece(i) for i in range(500)]
+    assert scores == pytest.approx([sp.get_score(i) for i in range(500)])
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert (types[sp.unk_id()], types[sp.bos_id()], types[sp.piece_to_id("<0x41>")]) == (UNKNOWN, CONTROL, BYTE)
+    assert (_field(r, "tokenizer.ggml.bos_token_id"), _field(r, "tokenizer.ggml.add_bos_token")) == (sp.bos_id(), True)
+    for text in TEXTS:
+        assert _spm_like_llama_cpp(text, tokens, scores) == sp.encode(text)
