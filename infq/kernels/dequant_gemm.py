@@ -8,7 +8,9 @@ optionally times a super-block scale `(N, G/sup)` for GGUF K-quants. Every tile 
 `w = (q - z) * s` (or `q * s - m` for K-quant mins, or e4m3 `q * s` for FP8) in fp32, exactly as
 the reference decoders do.
 
-Two kernels share the tile decoder (`_dequant_tile`):
+Two kernels share the tile decoders (`_dequant_tile` unpacks whole words and scales per group
+through reshapes; `_dequant_flat` gathers a word and a scale per element; which one is faster is
+the autotuner's call, config key FLAT):
   * `_gemv_kernel` (M = 1, decode): each program owns BLOCK_N output rows and streams their whole
     K; products are summed per group in fp32 before the scale is applied (one multiply per group,
     not per weight). No tensor cores, no split-K: N / BLOCK_N programs fill the GPU.
@@ -66,6 +68,13 @@ def _e4m3_to_f32(b):
 
 
 @triton.jit
+def _u2f(q):
+    """Small non-negative ints (< 2^23) -> float32 exactly: OR in the exponent of 2^23, subtract
+    2^23 (a LOP3 and an FADD instead of a quarter-rate int->float conversion)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _dequant_tile(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, k0,
                   KW_LO, KW_HI, G, gs, lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld,
                   BITS_LO: tl.constexpr, BITS_HI: tl.constexpr, FP8: tl.constexpr,
@@ -83,7 +92,7 @@ def _dequant_tile(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, 
     if FP8:
         qf = _e4m3_to_f32(q)
     else:
-        qf = q.to(tl.float32)
+        qf = _u2f(q)
     q3 = tl.reshape(qf, (BLOCK_N, NG, GROUP))  # (BN, NG, GROUP)
     g = (k0 + tl.arange(0, NG) * GROUP) // gs  # (NG,) group of each sub-tile
     gmask = n_mask[:, None] & (g[None, :] < G)
@@ -95,48 +104,156 @@ def _dequant_tile(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, 
         z = tl.zeros((BLOCK_N, NG), tl.float32) + ZERO_CONST
     else:
         z = tl.load(z_ptr + offs_n[:, None] * z_ld + g[None, :], mask=gmask, other=0).to(tl.float32)
-        if OFFSET_MODE == 2 and SUP > 1:
-            m2p = m2_ptr + offs_n[:, None] * m2_ld + g[None, :] // SUP
-            z = z * tl.load(m2p, mask=gmask, other=0).to(tl.float32)
+        if OFFSET_MODE == 2:
+            if SUP > 1:
+                m2p = m2_ptr + offs_n[:, None] * m2_ld + g[None, :] // SUP
+                z = z * tl.load(m2p, mask=gmask, other=0).to(tl.float32)
     return q3, s, z
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, out_ptr, bias_ptr, lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, perm_ptr,
+def _dequant_flat(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, offs_k,
+                  KW_LO, KW_HI, G, gs, lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld,
+                  BITS_LO: tl.constexpr, BITS_HI: tl.constexpr, FP8: tl.constexpr,
+                  OFFSET_MODE: tl.constexpr, ZERO_CONST: tl.constexpr, SUP: tl.constexpr):
+    """The same tile as `_dequant_tile`, decoded element-wise with no reshapes -> w (BN, BK) f32.
+
+    Every element loads its own word and group scale (neighbours share addresses, served by L1);
+    an alternative the autotuner weighs against the reshaping decoder (layout conversions)."""
+    PW_LO: tl.constexpr = 32 // BITS_LO
+    offs_w = offs_k // PW_LO
+    words = tl.load(lo_ptr + offs_n[:, None] * lo_ld + offs_w[None, :],
+                    mask=n_mask[:, None] & (offs_w[None, :] < KW_LO), other=0)  # (BN, BK)
+    q = (words >> ((offs_k % PW_LO) * BITS_LO)[None, :]) & ((1 << BITS_LO) - 1)
+    if BITS_HI > 0:
+        PW_HI: tl.constexpr = 32 // BITS_HI
+        offs_wh = offs_k // PW_HI
+        hw = tl.load(hi_ptr + offs_n[:, None] * hi_ld + offs_wh[None, :],
+                     mask=n_mask[:, None] & (offs_wh[None, :] < KW_HI), other=0)
+        q = q | (((hw >> ((offs_k % PW_HI) * BITS_HI)[None, :]) & ((1 << BITS_HI) - 1)) << BITS_LO)
+    if FP8:
+        qf = _e4m3_to_f32(q)
+    else:
+        qf = _u2f(q)
+    g = offs_k // gs  # (BK,)
+    gmask = n_mask[:, None] & (g[None, :] < G)
+    s = tl.load(s_ptr + offs_n[:, None] * s_ld + g[None, :], mask=gmask, other=0).to(tl.float32)  # (BN, BK)
+    if SUP > 1:
+        s = s * tl.load(s2_ptr + offs_n[:, None] * s2_ld + g[None, :] // SUP, mask=gmask, other=0).to(tl.float32)
+    if OFFSET_MODE == 0:
+        w = (qf - ZERO_CONST) * s
+    elif OFFSET_MODE == 1:
+        w = (qf - tl.load(z_ptr + offs_n[:, None] * z_ld + g[None, :], mask=gmask, other=0).to(tl.float32)) * s
+    else:
+        z = tl.load(z_ptr + offs_n[:, None] * z_ld + g[None, :], mask=gmask, other=0).to(tl.float32)
+        if SUP > 1:
+            z = z * tl.load(m2_ptr + offs_n[:, None] * m2_ld + g[None, :] // SUP, mask=gmask, other=0).to(tl.float32)
+        w = qf * s - z
+    return w
+
+
+@triton.jit
+def _gemv_jit(x_ptr, out_ptr, bias_ptr, lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, perm_ptr,
                  N, K, KW_LO, KW_HI, G, gs, stride_xm, stride_om,
                  lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld, M_BUCKET,
                  BITS_LO: tl.constexpr, BITS_HI: tl.constexpr, FP8: tl.constexpr,
                  OFFSET_MODE: tl.constexpr, ZERO_CONST: tl.constexpr, SUP: tl.constexpr,
                  GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_ORDER: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), M)."""
-    NG: tl.constexpr = BLOCK_K // GROUP
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, EVEN_K: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] w[n, k]; grid (cdiv(N, BLOCK_N), M). GS: the group size as a
+    compile-time constant (0: one group per row), so group indices are shifts, not divisions;
+    EVEN_K: K is a multiple of BLOCK_K, no masks along K.
+
+    A tile is held as (BN, PW, BW): word w of the low plane and its field i (channel
+    k0 + w*PW + i). Words are the fastest dim (coalesced loads); the PW fields of a word stay in
+    one thread, so the per-word sum over fields needs no shuffles, and each word's PW codes share
+    one group (gs % PW == 0): one scale load and two FMAs per word, not per code. Partial sums stay
+    per (row, word) across the K loop; rows are reduced once at the end."""
+    PW: tl.constexpr = 32 // BITS_LO
+    BW: tl.constexpr = BLOCK_K // PW
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    offs_w = tl.arange(0, BW)  # (BW,) word of the tile
+    acc = tl.zeros((BLOCK_N, BW), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        k_mask = offs_k < K
-        if ACT_ORDER:
-            cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+        w_idx = k0 // PW + offs_w  # (BW,)
+        words = tl.load(lo_ptr + offs_n[:, None] * lo_ld + w_idx[None, :],
+                        mask=n_mask[:, None] & (w_idx[None, :] < KW_LO), other=0)  # (BN, BW)
+        words = words.to(tl.uint32, bitcast=True)  # logical shifts: a field is one shift + one LOP3
+        if BITS_HI > 0:
+            R: tl.constexpr = (32 // BITS_HI) // PW  # low-plane words per high-plane word
+            h_idx = k0 // (32 // BITS_HI) + offs_w // R  # (BW,)
+            hw = tl.load(hi_ptr + offs_n[:, None] * hi_ld + h_idx[None, :],
+                         mask=n_mask[:, None] & (h_idx[None, :] < KW_HI), other=0)  # (BN, BW)
+            hw = hw.to(tl.uint32, bitcast=True) >> ((offs_w % R) * (PW * BITS_HI)).to(tl.uint32)[None, :]
+        p = tl.zeros((BLOCK_N, BW), tl.float32)
+        xs = tl.zeros((BW,), tl.float32)
+        FIT: tl.constexpr = 23 // BITS_LO  # fields that fit a float32 mantissa where they lie
+        upper = words >> (FIT * BITS_LO)  # the remaining fields, moved down once per word
+        for i in tl.static_range(PW):
+            kk = k0 + offs_w * PW + i  # (BW,) channel of field i of every word
+            if EVEN_K:
+                if ACT_ORDER:
+                    cols = tl.load(perm_ptr + kk)
+                else:
+                    cols = kk
+                xi = tl.load(x_ptr + m * stride_xm + cols).to(tl.float32)  # (BW,)
+            else:
+                if ACT_ORDER:
+                    cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+                else:
+                    cols = kk
+                xi = tl.load(x_ptr + m * stride_xm + cols, mask=kk < K, other=0).to(tl.float32)
+            xs += xi
+            if BITS_HI > 0 or FP8:  # generic: shift the field down, combine planes, decode
+                q = (words >> (i * BITS_LO)) & ((1 << BITS_LO) - 1)  # (BN, BW)
+                if BITS_HI > 0:
+                    q = q | (((hw >> (i * BITS_HI)) & ((1 << BITS_HI) - 1)) << BITS_LO)
+                if FP8:
+                    qf = _e4m3_to_f32(q.to(tl.int32, bitcast=True))
+                else:
+                    qf = _u2f(q)
+                p += qf * xi[None, :]
+            else:
+                # One plane: mask field i in place and OR in the exponent of 2^23 -> the float
+                # 2^23 + q * 2^j exactly (j = its bit offset, q * 2^j < 2^23); minus 2^23 gives
+                # q * 2^j, and x is scaled by 2^-j (exact) instead: one LOP3 + FADD + FFMA a code.
+                if i < FIT:
+                    q = words & (((1 << BITS_LO) - 1) << (i * BITS_LO))
+                    xj = xi * (1.0 / (1 << (i * BITS_LO)))
+                else:
+                    q = upper & (((1 << BITS_LO) - 1) << ((i - FIT) * BITS_LO))
+                    xj = xi * (1.0 / (1 << ((i - FIT) * BITS_LO)))
+                qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                p += qf * xj[None, :]
+        if GS == 0:
+            g = tl.zeros((BW,), tl.int32)
         else:
-            cols = offs_k
-        x = tl.load(x_ptr + m * stride_xm + cols, mask=k_mask, other=0).to(tl.float32)  # (BK,)
-        q3, s, z = _dequant_tile(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, k0,
-                                 KW_LO, KW_HI, G, gs, lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld,
-                                 BITS_LO, BITS_HI, FP8, OFFSET_MODE, ZERO_CONST, SUP, GROUP, BLOCK_N, BLOCK_K)
-        x3 = tl.reshape(x, (NG, GROUP))  # (NG, GROUP)
-        p = tl.sum(q3 * x3[None, :, :], axis=2)  # (BN, NG): sum_k q x per group
-        xs = tl.sum(x3, axis=1)[None, :]  # (1, NG): sum_k x per group
-        if OFFSET_MODE == 2:
-            acc += tl.sum(s * p - z * xs, axis=1)
+            g = (k0 + offs_w * PW) // GS  # (BW,) group of each word
+        gmask = n_mask[:, None] & (g[None, :] < G)
+        s = tl.load(s_ptr + offs_n[:, None] * s_ld + g[None, :], mask=gmask, other=0).to(tl.float32)  # (BN, BW)
+        if SUP > 1:
+            s = s * tl.load(s2_ptr + offs_n[:, None] * s2_ld + g[None, :] // SUP, mask=gmask, other=0).to(tl.float32)
+        if OFFSET_MODE == 0:
+            acc += s * (p - ZERO_CONST * xs[None, :])
         else:
-            acc += tl.sum(s * (p - z * xs), axis=1)
+            z = tl.load(z_ptr + offs_n[:, None] * z_ld + g[None, :], mask=gmask, other=0).to(tl.float32)
+            if OFFSET_MODE == 1:
+                acc += s * (p - z * xs[None, :])
+            else:
+                if SUP > 1:
+                    z = z * tl.load(m2_ptr + offs_n[:, None] * m2_ld + g[None, :] // SUP, mask=gmask,
+                                    other=0).to(tl.float32)
+                acc += s * p - z * xs[None, :]
+    out = tl.sum(acc, axis=1)  # (BN,)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+_gemv_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_jit)
 
 
 @triton.jit
@@ -147,7 +264,7 @@ def _gemm_kernel(x_ptr, out_ptr, bias_ptr, lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr,
                  OFFSET_MODE: tl.constexpr, ZERO_CONST: tl.constexpr, SUP: tl.constexpr,
                  GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_ORDER: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EMULATE_BF16: tl.constexpr = False):
+                 SPLIT_K: tl.constexpr, FLAT: tl.constexpr = False, EMULATE_BF16: tl.constexpr = False):
     """out (M, N) = x (M, K) @ w^T; grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K). With SPLIT_K > 1
     `out_ptr` is a zeroed fp32 workspace that every split adds into (bias added by the caller).
     EMULATE_BF16: the interpreter's bf16 tl.dot is wrong (Triton 3.9), so there the bf16 operands
@@ -172,14 +289,20 @@ def _gemm_kernel(x_ptr, out_ptr, bias_ptr, lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr,
             cols = offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0)  # (BM, BK)
-        q3, s, z = _dequant_tile(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, k0,
-                                 KW_LO, KW_HI, G, gs, lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld,
-                                 BITS_LO, BITS_HI, FP8, OFFSET_MODE, ZERO_CONST, SUP, GROUP, BLOCK_N, BLOCK_K)
-        if OFFSET_MODE == 2:
-            w3 = q3 * s[:, :, None] - z[:, :, None]
+        if FLAT:
+            w = _dequant_flat(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, offs_k,
+                              KW_LO, KW_HI, G, gs, lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld,
+                              BITS_LO, BITS_HI, FP8, OFFSET_MODE, ZERO_CONST, SUP)
         else:
-            w3 = (q3 - z[:, :, None]) * s[:, :, None]
-        w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)  # (BN, BK)
+            q3, s, z = _dequant_tile(lo_ptr, hi_ptr, s_ptr, s2_ptr, z_ptr, m2_ptr, offs_n, n_mask, k0,
+                                     KW_LO, KW_HI, G, gs, lo_ld, hi_ld, s_ld, s2_ld, z_ld, m2_ld,
+                                     BITS_LO, BITS_HI, FP8, OFFSET_MODE, ZERO_CONST, SUP, GROUP, BLOCK_N, BLOCK_K)
+            if OFFSET_MODE == 2:
+                w3 = q3 * s[:, :, None] - z[:, :, None]
+            else:
+                w3 = (q3 - z[:, :, None]) * s[:, :, None]
+            w = tl.reshape(w3, (BLOCK_N, BLOCK_K))
+        w = w.to(x_ptr.dtype.element_ty)  # (BN, BK)
         if EMULATE_BF16:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
@@ -202,45 +325,47 @@ def _bench(fn, quantiles=None):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose BLOCK_K is not a multiple of the scheme's tile group."""
+    """Drop reshaping-decoder configs whose BLOCK_K is not a multiple of the scheme's tile group."""
     group = named_args.get("GROUP", kwargs.get("GROUP", 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
-    return kept or configs[:1]
+    kept = [c for c in configs if c.kwargs.get("FLAT", False) or c.kwargs["BLOCK_K"] % group == 0]
+    return kept or [c for c in configs if c.kwargs.get("FLAT", True)][:1]
 
 
 _SCHEME_KEY = ["N", "K", "G", "BITS_LO", "BITS_HI", "FP8", "OFFSET_MODE", "SUP", "ACT_ORDER"]
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bn, bk, w, st in ((8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 4, 2), (32, 256, 8, 2),
-                          (8, 512, 4, 2), (4, 512, 2, 3), (16, 128, 4, 4), (32, 512, 8, 2))
+    for bn, bk, w, st in ((4, 512, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (8, 1024, 4, 1), (16, 512, 8, 2),
+                          (4, 1024, 4, 2))
 ]
 _GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, sk, w, st in (
-        (16, 32, 128, 1, 4, 3), (16, 64, 128, 1, 4, 3), (16, 32, 256, 1, 4, 2), (16, 64, 128, 4, 4, 3),
-        (32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3),
-        (128, 64, 64, 1, 4, 4), (64, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "FLAT": flat},
+                  num_warps=w, num_stages=st)
+    for bm, bn, bk, sk, w, st, flat in (
+        (16, 32, 128, 1, 4, 3, False), (16, 64, 128, 1, 4, 3, False), (16, 64, 128, 4, 4, 3, False),
+        (16, 32, 128, 1, 4, 3, True), (16, 64, 128, 4, 4, 3, True),
+        (64, 64, 128, 1, 4, 3, False), (64, 128, 128, 1, 8, 3, False), (128, 128, 128, 1, 8, 3, False),
+        (128, 128, 64, 1, 8, 3, True), (128, 256, 64, 1, 8, 3, True),
     )
 ]
 
 
 def _gemm_pruner(configs, named_args, **kwargs):
-    """Also keep only tiles that fit M: BLOCK_M <= the M bucket (>= 16), split-K only for small M."""
+    """Also keep only tiles that suit M: min(M, 128)/4 <= BLOCK_M <= max(16, M bucket), split-K for
+    small M only."""
     mb = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 16))
     kept = [c for c in _prune(configs, named_args, **kwargs)
-            if c.kwargs["BLOCK_M"] <= max(16, mb) and (c.kwargs["SPLIT_K"] == 1 or mb <= 32)]
+            if min(mb, 128) // 4 <= c.kwargs["BLOCK_M"] <= max(16, mb) and (c.kwargs["SPLIT_K"] == 1 or mb <= 32)]
     return kept or configs[:1]
 
 
-_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["M_BUCKET", *_SCHEME_KEY], do_bench=_bench,
-                              prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
+_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["M_BUCKET", *_SCHEME_KEY], do_bench=_bench)(_gemv_kernel)
 _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", *_SCHEME_KEY], do_bench=_bench,
                               prune_configs_by={"early_config_prune": _gemm_pruner},
                               restore_value=["out_ptr"])(_gemm_kernel)
 
 # fixed configs where nothing is tuned (CPU tensors: the interpreter)
 _GEMV_DEFAULT = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}
-_GEMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
+_GEMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "FLAT": False, "num_warps": 4}
 
 
 # ---------------------------------------------------------------- launchers
@@ -248,7 +373,7 @@ _GEMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "nu
 
 def _interpreting() -> bool:
     """True if this module's kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_gemv_kernel).__name__ == "InterpretedFunction"
+    return type(_gemv_jit).__name__ == "InterpretedFunction"
 
 
 def _m_bucket(m: int) -> int:
@@ -294,6 +419,7 @@ def gemv(x2: Tensor, p: TritonPacked, bias: Tensor | None = None, config: dict |
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     t, ints, meta = _kernel_args(x2, out, bias, p)
     args = [*t, n, p.shape[1], *ints, _m_bucket(m)]
+    meta["GS"] = p.group_size if p.scales.shape[1] > 1 else 0
     if config is None and x2.is_cuda:
         def grid(c):
             return (triton.cdiv(n, c["BLOCK_N"]), m)

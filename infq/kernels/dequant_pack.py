@@ -12,8 +12,8 @@ bytes with a row scale. Act-order `g_idx` becomes a column permutation `perm` (i
 are stored with their groups contiguous and the kernel reads x[:, perm]. GGML blocks (Q8_0, Q4_0,
 Q4_K, Q5_K, Q6_K) are decoded into the same planes and scale tensors, bit for bit the values of
 llama.cpp's decoders (scales kept as their 6/8-bit codes times the fp16 super-block scale).
-Limits: group sizes that are not multiples of 16 (unless one group per row), 7-bit codes, and the
-other GGML types are refused by `supported`.
+Limits: group sizes that are not multiples of 16 (of 32 for 1-bit codes) unless one group per row,
+7-bit codes, and the other GGML types are refused by `supported`.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def supported(qt: QuantizedTensor) -> bool:
     if n_groups == 1:
         return True
     gs = k // n_groups
-    if gs % 16 or n_groups * gs != k:
-        return False
+    if gs % 16 or n_groups * gs != k or gs % (32 // _PLANES[qt.scheme.bits][0]):
+        return False  # the GEMV kernel scales whole words: a word's codes must share a group
     counts = torch.bincount(qt.g_idx.long(), minlength=n_groups)
     return bool((counts == gs).all())  # act-order: every group must still hold gs channels
 

@@ -16,10 +16,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tolerances import assert_within_baseline
+from kernels.dequant_cases import check as _check
+from kernels.dequant_cases import make_fp8, make_gguf, make_int
 
-from infq.kernels.ref import dequant_gemm_ref, dequant_gemm_torch
 from infq.quantizers import kquants
 from infq.quantizers.scheme import QuantizedTensor, QuantScheme
 
@@ -35,68 +34,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present:
 dg = _interpreted("infq.kernels.dequant_gemm") if not torch.cuda.is_available() else None
 
 GEMV_CFG = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}
-GEMM_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
+GEMM_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "FLAT": False, "num_warps": 4}
 
 
-def make_int(n: int, k: int, bits: int, gs: int, act_order: bool = False, sym: bool = False,
-             seed: int = 0) -> QuantizedTensor:
-    """Random codes/scales/zeros of an int scheme; act_order shuffles the channel -> group map."""
-    g = torch.Generator().manual_seed(seed)
-    groups = 1 if gs == -1 else k // gs
-    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).half()
-    if sym:
-        zeros = torch.full((n, groups), 1 << (bits - 1), dtype=torch.int32)
-    else:
-        zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, dtype=torch.int32)
-    g_idx = (torch.arange(k) // (k // groups)).to(torch.int32)
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=g)]
-    return QuantizedTensor(codes, scales, zeros, g_idx, QuantScheme(bits, gs, sym), (n, k))
-
-
-def make_fp8(n: int, k: int, per_tensor: bool, scale_dtype=torch.float16) -> QuantizedTensor:
-    g = torch.Generator().manual_seed(1)
-    codes = (torch.randn(n, k, generator=g) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
-    scales = torch.full((n, 1), 3e-3) if per_tensor else torch.rand(n, 1, generator=g) * 1e-2 + 1e-4
-    return QuantizedTensor(codes, scales.to(scale_dtype), None, torch.zeros(k, dtype=torch.int32),
-                           QuantScheme(8, -1, True, "fp8"), (n, k))
-
-
-def make_gguf(n: int, k: int, qtype: str) -> QuantizedTensor:
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
-    return QuantizedTensor.from_gguf(kquants.quantize(w, qtype), qtype, (n, k))
-
-
-def _trunc_bf16(w: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16 by truncation, as Triton's interpreter casts."""
-    return (w.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
-
-
-def check(qt: QuantizedTensor, m: int, dtype=torch.float16, config=None, bias: bool = False,
-          w_ref: torch.Tensor | None = None) -> None:
-    """Kernel vs float64 oracle within tolerances.py's bound, and vs ref.dequant_gemm_ref."""
-    n, k = qt.shape
-    g = torch.Generator().manual_seed(m * 7 + n)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    packed = dg.pack(qt)
-    if config is None:
-        out = dg.dequant_gemm(x, packed, b)
-    else:
-        run = dg.gemv if "SPLIT_K" not in config else dg.gemm
-        out = run(x, packed, b, config=config)
-    w = qt.dequantize(torch.float32) if w_ref is None else w_ref  # (N, K)
-    oracle = x.double() @ w.double().T + (b.double() if bias else 0)  # (M, N) float64
-    baseline = dequant_gemm_torch(x, qt, b)
-    tensor_core = m > dg.GEMV_MAX_M or (config is not None and "SPLIT_K" in config)
-    if dtype == torch.bfloat16 and tensor_core:  # the interpreter truncates the bf16 weight tile
-        trunc = F.linear(x.float(), _trunc_bf16(w), None if b is None else b.float()).to(dtype)
-        if (trunc.double() - oracle).abs().max() > (baseline.double() - oracle).abs().max():
-            baseline = trunc
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert_within_baseline(out, oracle, baseline)
-    assert_within_baseline(out, oracle, dequant_gemm_ref(x, qt, b))
+def check(*args, **kwargs):
+    _check(dg, *args, **kwargs)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -124,6 +66,7 @@ def test_act_order(bits, m):
     qt = make_int(48, 512, bits, 128, act_order=True)
     assert dg.pack(qt).perm is not None
     check(qt, m)
+    check(make_int(20, 96, bits, 32, act_order=True), m)  # K not a multiple of BLOCK_K: masked
 
 
 @pytest.mark.parametrize("gs", [16, 32, 256])
@@ -145,6 +88,23 @@ def test_split_k(split):
     cfg = dict(GEMM_CFG, SPLIT_K=split, BLOCK_K=64)
     check(make_int(70, 512, 4, 64), 3, config=cfg, bias=True)
     check(make_int(70, 512, 4, 64), 1, config=cfg)
+
+
+FLAT_CASES = {
+    "int4-n129": lambda: make_int(129, 256, 4, 128), "int3-act": lambda: make_int(48, 512, 3, 128, act_order=True),
+    "int8-k129": lambda: make_int(33, 129, 8, -1), "int6-g16-sym": lambda: make_int(40, 256, 6, 16, sym=True),
+    "fp8": lambda: make_fp8(40, 160, False), "Q4_K": lambda: make_gguf(33, 512, "Q4_K"),
+    "Q5_K": lambda: make_gguf(17, 256, "Q5_K"), "Q6_K": lambda: make_gguf(33, 512, "Q6_K"),
+    "Q8_0": lambda: make_gguf(33, 256, "Q8_0"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAT_CASES))
+@pytest.mark.parametrize("m", [1, 17])
+def test_flat_decoder(case, m):
+    """The element-wise decoder (the autotuner's FLAT configs) on every kind of scheme."""
+    qt = FLAT_CASES[case]()
+    check(qt, m, config=dict(GEMM_CFG, FLAT=True, BLOCK_K=64))  # M = 1 too: the tensor-core kernel
 
 
 @pytest.mark.parametrize("per_tensor", [True, False])
