@@ -192,3 +192,22 @@ def test_checkpoints_load_into_quant_linears(tmp_path, kind: str) -> None:
         for role, lin in blk.linears.items():
             blk.linears[role] = DenseLinear(lin.weight.to(BF16), lin.bias)
     assert_within_baseline(got, ref32.double(), fast(ids))
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", [lambda: random_qt(256, 512, 4, 128, True), lambda: random_qt(96, 256, 3, 64, False, True),
+                                  lambda: random_qt(128, 256, 8, -1, True), lambda: gguf_qt(128, 512, "Q4_K"),
+                                  lambda: random_qt(32, 96, 4, 16, True)])
+@pytest.mark.parametrize("m", [1, 7])
+def test_cuda_quant_linear(make, m: int) -> None:
+    """On a GPU QuantLinear runs the Triton dequant-GEMM where it supports the scheme, else the
+    weight dequantized once to fp16; either within the bound of PyTorch's fp16 matmul."""
+    qt = make()
+    lin = QuantLinear(qt, None, torch.float16, "cuda")
+    assert lin.impl in ("triton", "dense")
+    x = torch.randn(m, qt.shape[1], generator=torch.Generator().manual_seed(m)).half()  # (M, K)
+    y = lin(x.cuda()).cpu()
+    baseline = F.linear(x.cuda(), qt.dequantize().half().cuda()).cpu()
+    assert_within_baseline(y, quant_linear_ref(x, qt), baseline)
