@@ -125,22 +125,23 @@ def _set_blocks(nargs: dict) -> None:
 
 
 def _configs() -> list[triton.Config]:
-    """Hopper-sized tiles (H100/H200): 128-row query tiles, 64/128-key tiles, 2-4 pipeline stages,
-    whole key tiles by TMA or by pointer loads."""
-    out = []
-    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
-                                  (128, 128, 8, 3), (64, 64, 4, 3)]:
-        for tma in (False, True):
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=warps,
-                                     num_stages=stages, pre_hook=_set_blocks))
-    return out
+    """Hopper tiles (H100/H200), (BLOCK_M, BLOCK_N, warps, stages, TMA). With head dim 128 only 8 warps
+    keep a 128-row tile's accumulator, scores and q in registers (4 warps spill ~1 KB a thread, seen
+    in the sm_90 build); the pointer-load variant does not multi-buffer, so one stage count serves it."""
+    table = [(128, 64, 8, 3, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
+             (128, 128, 8, 3, False), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
+             (64, 64, 4, 3, False), (64, 64, 4, 3, True), (128, 64, 4, 3, True)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": tma}, num_warps=w, num_stages=st,
+                          pre_hook=_set_blocks) for bm, bn, w, st, tma in table]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """No TMA configs when k/v could not be described (unaligned strides, pre-Hopper GPU)."""
-    if isinstance(named_args["KD"], TensorDescriptor):
-        return configs
-    return [c for c in configs if not c.kwargs["TMA"]]
+    """No TMA configs when k/v could not be described (unaligned strides, pre-Hopper GPU); no
+    4-warp 128-row tiles above head dim 64 (they spill)."""
+    tma_ok = isinstance(named_args["KD"], TensorDescriptor)
+    big = kwargs.get("HEAD_DIM", 128) > 64
+    return [c for c in configs if (tma_ok or not c.kwargs["TMA"])
+            and not (big and c.num_warps == 4 and c.kwargs["BLOCK_M"] == 128)]
 
 
 _tuned = triton.autotune(configs=_configs(), key=["seq_bucket", "GROUP", "IS_CAUSAL", "HEAD_DIM"],

@@ -112,9 +112,10 @@ def _merge_kernel(PM, PL, PA, Out, stride_ob, stride_oh, n_heads, n_splits,
 
 
 def _configs() -> list[triton.Config]:
-    """Decode is bandwidth-bound: a few key-tile widths and pipeline depths for H100/H200."""
+    """Decode is bandwidth-bound: a few key-tile widths and pipeline depths for H100/H200 (none of
+    them spills registers in the sm_90 build with 16-aligned strides)."""
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(32, 4, 3), (64, 4, 3), (128, 4, 2), (128, 8, 3)]]
+            for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 3)]]
 
 
 _tuned = triton.autotune(configs=_configs(), key=["ctx_bucket", "GROUP_P", "HEAD_DIM", "BLOCK_SIZE", "QUANT",
