@@ -172,10 +172,14 @@ def write_imatrix(path: str | os.PathLike[str], im: Imatrix) -> Path:
     """Write `im` as GGUF when the name ends in .gguf, else as legacy .dat; temp file, then rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() == ".gguf":
-        _write_gguf(tmp, im)
-    else:
-        tmp.write_bytes(_dat_bytes(im))
+    try:
+        if path.suffix.lower() == ".gguf":
+            _write_gguf(tmp, im)
+        else:
+            tmp.write_bytes(_dat_bytes(im))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InfqError(f"could not write the imatrix to {path} ({exc}); check the folder and free space") from exc
     os.replace(tmp, path)
     return path
 
