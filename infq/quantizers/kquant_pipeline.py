@@ -204,7 +204,11 @@ def _encode(out: Path, src: Path, meta_config: dict[str, Any], ckpt: Any, names:
         return value
 
     entries = [(hf, tuple(ckpt.shape(hf)), types[gguf_name(hf)]) for hf in names]
-    write_gguf_stream(out, meta_config, entries, produce, tokenizer=tok, file_type=plan.file_type, extra=extra)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf_stream(out, meta_config, entries, produce, tokenizer=tok, file_type=plan.file_type, extra=extra)
+    except OSError as exc:
+        raise InfqError(f"could not write {out} ({exc}); check the folder, its permissions and free space") from exc
     warnings += [f"{f['tensor']}: {f['from']} -> {f['to']} ({f['why']})" for f in plan.fallbacks]
     return {"encode_seconds": round(clock["encode"], 3), "tensors": len(entries), "warnings": warnings,
             "tokenizer": None if tok is None else tok["model"]}

@@ -90,7 +90,7 @@ def test_q4_k_m_end_to_end(model_and_data, tmp_path):
 
 def test_no_imatrix_dat_and_override(model_and_data, tmp_path):
     path, _ = model_and_data
-    out = tmp_path / "c.gguf"
+    out = tmp_path / "new" / "c.gguf"  # the folder is created
     obj = _json(invoke("quantize", "--model", path, "--method", "kquant", "--type", "q8_0", "--no-imatrix",
                        "--tensor-type", r"attn_v=Q6_K", "--out", out, "--json"))
     assert obj["imatrix"]["source"] is None and {o["tensor"] for o in obj["overrides"]} == {
