@@ -9,8 +9,10 @@ complete. `read_gguf` checks the header against the file size before `gguf.GGUFR
 config, the decoded float32 tensors under HF names (permutation undone), each tensor's GGML type
 and the raw metadata. `write_gguf_stream` writes pre-encoded tensors (kind "gguf:<TYPE>"
 QuantizedTensors from `quantizers.kquants.quantize_kquant`) one at a time, with extra metadata
-(llama.cpp's `quantize.imatrix.*` keys). Limits: llama only; building tokenizer metadata from an HF tokenizer belongs
-to the caller; MoE, biases other than q/k/v/o and rope scaling are not written.
+(llama.cpp's `quantize.imatrix.*` keys). Limits: llama only (Mistral is written as llama, as
+llama.cpp's converter does; its sliding window is not recorded, so contexts beyond it differ);
+tokenizer metadata is built by `gguf_vocab`; MoE, biases other than q/k/v/o and rope scaling are
+not written.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ def _heads_for(hf: str, cfg: Mapping[str, Any]) -> int | None:
 
 def _check_llama(cfg: Mapping[str, Any]) -> None:
     arch = cfg.get("model_type")
-    if arch != "llama":
-        raise InfqError(f"GGUF export supports the llama architecture, not {arch!r}; convert a llama model")
+    if arch not in ("llama", "mistral"):  # llama.cpp's converter writes Mistral as llama too
+        raise InfqError(f"GGUF export supports the llama architecture (llama, mistral), not {arch!r}; "
+                        "convert a llama model")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "rms_norm_eps", "max_position_embeddings", "vocab_size"):
         if key not in cfg:

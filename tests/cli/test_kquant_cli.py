@@ -136,3 +136,13 @@ def test_bad_inputs(model_and_data, tmp_path):
     _bad(invoke(*base, "--imatrix", wrong), "holds 128 values", "blk.0.attn_q.weight")
     (tmp_path / "x.gguf").write_bytes(b"exists")
     _bad(invoke(*base, "--no-imatrix"), "already exists", "--force")
+
+
+def test_mistral_is_written_as_llama(tmp_path):
+    path = make_tiny_model(tmp_path / "mistral", family="mistral", hidden_size=256, intermediate_size=256)
+    out = tmp_path / "m.gguf"
+    obj = _json(invoke("quantize", "--model", path, "--method", "kquant", "--type", "Q6_K", "--no-imatrix",
+                       "--out", out, "--json"))
+    r = gguf.GGUFReader(out)
+    assert r.fields["general.architecture"].contents() == "llama" and obj["fallbacks"] == []
+    assert {t.tensor_type.name for t in r.tensors} == {"Q6_K", "F32"}
