@@ -44,6 +44,9 @@ def bench(
     chart: str = typer.Option("infq-bench.png", "--chart", help="PNG of tokens/s vs batch size ('' for none)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    draft: str = typer.Option(None, "--draft", help="Instead: speculative vs plain decoding with this draft (a checkpoint sharing the tokenizer, or 'ngram')."),
+    num_draft: str = typer.Option("4", "--num-draft", help="Draft tokens per step with --draft: K >= 1, or 'auto'."),
+    spec_prompts: str = typer.Option(None, "--spec-prompts", help="With --draft: a text file whose long lines make a second prompt set ('text') beside the built-in code prompts."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure throughput. Example: infq bench demo --batch-sizes 1,4,16 --json"""
@@ -65,6 +68,9 @@ def bench(
         ecfg = EngineConfig(block_size=block_size, kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
                             kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens)
         console = stderr_console()
+        if draft is not None:
+            _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, device, json_out, console)
+            return
         loaded = load_model(model, dtype=dtype, device=device, tokenizer=False)
         result = run_bench(loaded, ecfg, cfg, device, progress=lambda m: console.print(f"[dim]{m}...[/]"))
         result["chart"] = draw(result, chart) if chart else None
@@ -72,6 +78,30 @@ def bench(
             print_json(result)
             return
         _print(result)
+
+
+def _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, device, json_out, console) -> None:
+    """Speculative decoding vs plain decoding (infq.eval.spec_bench), one row per prompt set and batching."""
+    from infq.eval.spec_bench import CODE_PROMPTS, bench_draft, text_prompts
+    from infq.runtime.loader import load_model
+    from infq.runtime.speculative import parse_num_draft
+
+    parse_num_draft(num_draft)
+    sets = {"code": CODE_PROMPTS, **({"text": text_prompts(spec_prompts)} if spec_prompts else {})}
+    target = load_model(model, dtype=dtype, device=device)
+    r = bench_draft(target, ecfg, draft, num_draft, sets, gen_len, dtype=dtype, device=device,
+                    progress=lambda row: console.print(f"[dim]{row['prompt_set']} {'batched' if row['batched'] else 'batch 1'} done...[/]"))
+    if json_out:
+        print_json({"model": model, **r})
+        return
+    typer.echo(f"{model} with draft {draft} (K={num_draft}), {gen_len} tokens per prompt, greedy")
+    for row in r["rows"]:
+        typer.echo(f"  {row['prompt_set']:>5} {'batched' if row['batched'] else 'batch 1':>7}: acceptance "
+                   f"{row['acceptance_rate']:.2f}, {row['tokens_per_target_step']:.2f} tokens/target step (formula "
+                   f"{row['formula_tokens_per_target_step']:.2f}), speedup {row['speedup']:.2f}x, "
+                   f"outputs {'equal' if row.get('matches_plain', True) else 'DIFFER'}")
+    typer.echo(f"  overall: acceptance {r['acceptance_rate']:.2f}, {r['tokens_per_target_step']:.2f} tokens per "
+               f"target step, {r['speedup']:.2f}x plain decoding")
 
 
 def _print(r: dict) -> None:

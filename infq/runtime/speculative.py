@@ -245,6 +245,7 @@ class SpecStats:
     accepted: int = 0
     emitted: int = 0
     draft_seconds: float = 0.0
+    draft_passes: int = 0  # draft-model forward passes (steps x the longest proposal)
 
     def as_dict(self) -> dict[str, float]:
         rate = self.accepted / self.drafted if self.drafted else 0.0
@@ -252,7 +253,8 @@ class SpecStats:
         mean_k = self.drafted / self.verifications if self.verifications else 0.0
         return {"acceptance_rate": rate, "tokens_per_target_step": per_step, "mean_num_draft": mean_k,
                 "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
-                "target_steps": self.verifications, "draft_seconds": self.draft_seconds}
+                "target_steps": self.verifications, "draft_seconds": self.draft_seconds,
+                "draft_passes": self.draft_passes}
 
 
 class Speculator:
@@ -290,7 +292,9 @@ class Speculator:
         self._proposed_at = time.perf_counter()
         seconds = self._proposed_at - start
         self.stats.draft_seconds += seconds
-        self.cost.draft(seconds, max((len(p.tokens) for p in proposals), default=0))
+        passes = max((len(p.tokens) for p in proposals), default=0) if isinstance(self.proposer, DraftModelProposer) else 0
+        self.stats.draft_passes += passes
+        self.cost.draft(seconds, passes)
         for req, prop in zip(reqs, proposals, strict=True):
             req.spec_token_ids = list(prop.tokens)
             self.pending[req.request_id] = _Pending(req.num_tokens, prop.q)
@@ -349,7 +353,7 @@ class Speculator:
                                "num_draft": "auto" if self.num_draft is None else self.num_draft}
         out.update(self.stats.as_dict())
         a, k = out["acceptance_rate"], out["mean_num_draft"]
-        out["formula_tokens_per_target_step"] = expected_tokens(a, round(k)) if self.stats.drafted else 1.0
+        out["formula_tokens_per_target_step"] = expected_tokens(a, k)  # at the mean K (real-valued)
         return out
 
 
@@ -363,11 +367,8 @@ class _CostModel:
         self.sums = [0.0] * 5  # weight, x, y, xx, xy
 
     def draft(self, seconds: float, passes: int) -> None:
-        if passes:
-            x = seconds / passes
-            self.draft_pass = x if self.draft_pass is None else self.decay * self.draft_pass + (1 - self.decay) * x
-        elif self.draft_pass is None:
-            self.draft_pass = seconds
+        x = seconds / max(passes, 1)  # prompt lookup: the whole proposal counts as one pass
+        self.draft_pass = x if self.draft_pass is None else self.decay * self.draft_pass + (1 - self.decay) * x
 
     def target(self, seconds: float, rows: int) -> None:
         d = self.decay

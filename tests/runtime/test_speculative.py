@@ -372,3 +372,16 @@ def test_cli_reports_acceptance_and_matches_plain(models):
     res = json.loads(r.output.splitlines()[0])
     assert res["acceptance_rate"] == 1.0 and res["tokens_per_target_step"] > 1 and res["matches_plain"] is True
     assert res["speedup"] > 0 and res["num_draft"] == "auto"
+
+
+def test_bench_draft_reports_rows_and_pooled_figures(models):
+    r = CliRunner().invoke(app, ["bench", str(models["target"]), "--draft", "ngram", "--num-draft", "3",
+                                 "--gen-len", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.splitlines()[-1])
+    assert [(row["prompt_set"], row["batched"]) for row in res["rows"]] == [("code", False), ("code", True)]
+    assert res["matches_plain"] is True and res["speedup"] > 0
+    drafted = sum(row["drafted_tokens"] for row in res["rows"])
+    assert res["acceptance_rate"] == pytest.approx(sum(row["accepted_tokens"] for row in res["rows"]) / drafted)
+    for row in res["rows"]:
+        assert row["generated_tokens"] == 8 * 8 and 1 <= row["tokens_per_target_step"] <= 4

@@ -1,0 +1,95 @@
+"""Speculative decoding on the demo model: acceptance, tokens per target step, wall-clock speedup.
+
+    python bench/speculative_bench.py                       # CPU, drafts: ngram, RTN 3/2-bit, GPTQ 3-bit
+    python bench/speculative_bench.py --device cuda --dtype bfloat16 --name cuda
+    python bench/speculative_bench.py --quick               # one rep, 24 tokens, to check that it runs
+
+Quantized-self drafts are made here with `infq quantize` (RTN 3- and 2-bit g128, GPTQ 3-bit g128
+on the demo calibration split); `ngram` is prompt lookup. Prompt sets: `code`, eight short
+repetitive Python snippets (infq.eval.spec_bench.CODE_PROMPTS); `prose`, the first eight long
+lines of wikitext-2's test split (--prose-file), cut to ~300 characters. Each (draft, set) is run
+one prompt at a time (batch 1) and as one continuous batch, greedy, `--max-new-tokens` each with EOS
+ignored, plain and speculative, warm, fastest of `--reps`. Writes bench/results/speculative[_NAME].json
+with the formula (1 - a^(K+1)) / (1 - a) beside each measured tokens-per-step and the draft's cost
+ratio c (one draft pass / one plain step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import infq, write
+
+DRAFTS = {"rtn3": ["--method", "rtn", "--bits", "3"], "rtn2": ["--method", "rtn", "--bits", "2"],
+          "gptq3": ["--method", "gptq", "--bits", "3"]}
+PROSE = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def make_drafts(names: list[str], work: Path) -> dict[str, str]:
+    out = {}
+    for name in names:
+        if name == "ngram":
+            out[name] = "ngram"
+            continue
+        path = work / f"demo-{name}"
+        if not (path / "config.json").exists():
+            start = time.perf_counter()
+            infq("quantize", "--model", "demo", *DRAFTS[name], "--out", path, "--force")
+            print(f"draft {name}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
+        out[name] = str(path)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--drafts", default="ngram,rtn3,gptq3,rtn2")
+    p.add_argument("--num-draft", default="4", help="K, or auto")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--prose-file", default=PROSE)
+    p.add_argument("--work", default=None, help="where the draft checkpoints go (default: a temp dir)")
+    p.add_argument("--name", default="", help="results file suffix: speculative_NAME.json")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    import torch
+
+    from infq.eval.spec_bench import CODE_PROMPTS, bench_draft, text_prompts
+    from infq.runtime.engine import EngineConfig
+    from infq.runtime.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps, tokens = (1, 24) if args.quick else (args.reps, args.max_new_tokens)
+    work = Path(args.work or tempfile.mkdtemp(prefix="infq-spec-"))
+    drafts = make_drafts(args.drafts.split(","), work)
+    target = load_model("demo", dtype=args.dtype, device=args.device)
+    sets = {"code": CODE_PROMPTS, "prose": text_prompts(args.prose_file)}
+    config = EngineConfig(kv_memory=64 * 2**20)
+    rows, overall = [], {}
+    for name, draft in drafts.items():
+        r = bench_draft(target, config, draft, args.num_draft, sets, tokens, reps, args.dtype, args.device,
+                        progress=lambda row, n=name: _line(n, row))
+        rows += [{**row, "draft": name} for row in r.pop("rows")]
+        overall[name] = r
+    out = write(f"speculative{'_' + args.name if args.name else ''}.json", {
+        "model": "demo", "device": args.device, "dtype": str(target.model.dtype), "num_draft": args.num_draft,
+        "max_new_tokens": tokens, "reps": reps, "greedy": True, "prompt_sets": sets, "overall": overall, "rows": rows})
+    print(f"wrote {out}")
+
+
+def _line(name: str, row: dict) -> None:
+    print(f"{name:>6} {row['prompt_set']:>5} {'batched' if row['batched'] else 'batch-1':>7}: acceptance "
+          f"{row['acceptance_rate']:.2f}, {row['tokens_per_target_step']:.2f} tokens/step (formula "
+          f"{row['formula_tokens_per_target_step']:.2f} at K={row['mean_num_draft']:.2f}), c "
+          f"{row.get('draft_cost_ratio', 0):.2f}, speedup {row['speedup']:.2f}x, matches plain {row.get('matches_plain')}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

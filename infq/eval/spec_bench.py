@@ -1,0 +1,135 @@
+"""Speculative decoding measured against plain decoding on the same prompts: `infq bench --draft`.
+
+For a prompt set, the same prompts run plainly and with the speculator, one prompt at a time
+(batch 1) and all together (continuous batching), each warm and timed `reps` times (the fastest
+run counts, which discounts interference from other processes). Reported per row: acceptance rate,
+tokens per target step, mean drafts per step, the formula (1 - a^(K+1)) / (1 - a) at the measured
+a and K, the draft's cost per pass relative to a plain step (c), wall-clock speedup, and for
+greedy decoding whether the outputs equal plain decoding's (they must). `CODE_PROMPTS` are short
+repetitive Python snippets; `text_prompts` cuts prompts from a local text file (e.g. wikitext).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from infq.errors import InfqError
+
+CODE_PROMPTS = [
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n    def __repr__(self):\n"
+    "        return f\"Point({self.x}, {self.y})\"\n\n\nclass Vector:\n    def __init__(self, x, y):\n",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
+    "import os\nimport sys\nimport json\n\n\ndef read_json(path):\n    with open(path) as f:\n        return json.load(f)"
+    "\n\n\ndef write_json(path, data):\n",
+    "    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\n\n    def test_sub(self):\n"
+    "        self.assertEqual(sub(3, 2), 1)\n\n    def test_mul(self):\n",
+    "COLORS = {\n    'red': (255, 0, 0),\n    'green': (0, 255, 0),\n    'blue': (0, 0, 255),\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n\nfor j in range(10):\n",
+    "    @property\n    def name(self):\n        return self._name\n\n    @name.setter\n    def name(self, value):\n"
+    "        self._name = value\n\n    @property\n    def size(self):\n",
+    "def parse_args(argv=None):\n    parser = argparse.ArgumentParser()\n"
+    "    parser.add_argument('--input', type=str, default=None)\n    parser.add_argument('--output', type=str, default=None)\n",
+]
+
+
+def text_prompts(path: str | Path, n: int = 8, chars: int = 300, min_chars: int = 200) -> list[str]:
+    """The first `n` lines of a text file with at least `min_chars` characters (headings and
+    short lines skipped), each cut to about `chars` characters at a word boundary."""
+    p = Path(path)
+    if not p.is_file():
+        raise InfqError(f"{p}: no such prompts file")
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if len(line) < min_chars or line.startswith("="):
+            continue
+        out.append(line[:chars].rsplit(" ", 1)[0])
+        if len(out) == n:
+            break
+    if not out:
+        raise InfqError(f"{p} has no line of {min_chars} characters or more to use as a prompt")
+    return out
+
+
+def _timed(make_engine: Callable[[], Any], prompts: list[list[int]], batched: bool, max_tokens: int,
+           params: Any, reps: int) -> tuple[float, list[list[int]], Any, int]:
+    """Fastest of `reps` warm runs: (seconds, outputs, the engine of the last run, its timed steps)."""
+    from infq.runtime.speculative import warm_up
+
+    best, outputs, engine, steps = float("inf"), [], None, 0
+    for _ in range(reps):
+        engine = make_engine()
+        warm_up(engine, prompts[0])
+        first = engine.steps
+        start = time.perf_counter()
+        groups = [prompts] if batched else [[p] for p in prompts]
+        outputs = [o.token_ids for g in groups for o in engine.generate(g, params, max_tokens, ignore_eos=True)]
+        best = min(best, time.perf_counter() - start)
+        steps = engine.steps - first
+    return best, outputs, engine, steps
+
+
+def compare(target: Any, engine_config: Any, speculator: Callable[[Any], Any], prompts: Sequence[str],
+            max_tokens: int = 64, batched: bool = False, params: Any = None, reps: int = 3) -> dict[str, Any]:
+    """One row: the prompts decoded plainly and with `speculator(engine)` attached."""
+    from infq.runtime.engine import Engine
+    from infq.runtime.sampling import SamplingParams
+    from infq.runtime.speculative import expected_tokens
+
+    params = params or SamplingParams()
+    ids = [target.tokenizer(p).input_ids for p in prompts]
+
+    def plain() -> Any:
+        return Engine(target.model, engine_config)
+
+    def spec() -> Any:
+        engine = Engine(target.model, engine_config)
+        engine.speculator = speculator(engine)
+        return engine
+
+    plain_s, plain_out, _, plain_steps = _timed(plain, ids, batched, max_tokens, params, reps)
+    spec_s, spec_out, spec_engine, spec_steps = _timed(spec, ids, batched, max_tokens, params, reps)
+    report = spec_engine.speculator.report()
+    tokens = sum(len(o) for o in spec_out)
+    passes = report["draft_passes"]
+    row = {**report, "batched": batched, "prompts": len(prompts), "generated_tokens": tokens,
+           "plain_seconds": plain_s, "speculative_seconds": spec_s, "speedup": plain_s / spec_s,
+           "plain_engine_steps": plain_steps, "speculative_engine_steps": spec_steps,
+           "plain_tokens_per_s": tokens / plain_s, "speculative_tokens_per_s": tokens / spec_s}
+    a, k = row["acceptance_rate"], row["mean_num_draft"]
+    row["formula_tokens_per_target_step"] = expected_tokens(a, k)
+    if passes:  # seconds of one draft pass over a plain step (both from the timed runs' engines)
+        row["draft_cost_ratio"] = (row["draft_seconds"] / passes) / (plain_s / max(plain_steps, 1))
+    if params.temperature == 0:
+        row["matches_plain"] = spec_out == plain_out
+    return row
+
+
+def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, prompt_sets: dict[str, Sequence[str]],
+                max_tokens: int = 64, reps: int = 3, dtype: str = "auto", device: str = "cpu",
+                progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`infq bench --draft`: `compare` for every prompt set, batch 1 and batched; the top-level
+    figures pool all rows (acceptance = accepted / drafted, tokens per target step = tokens /
+    verifications, speedup = plain seconds / speculative seconds)."""
+    from infq.runtime.speculative import build_speculator
+
+    rows = []
+    for name, prompts in prompt_sets.items():
+        for batched in (False, True):
+            row = compare(target, engine_config, lambda e: build_speculator(e, target, draft, num_draft, dtype, device),
+                          prompts, max_tokens, batched, reps=reps)
+            row["prompt_set"] = name
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    drafted = sum(r["drafted_tokens"] for r in rows)
+    steps = sum(r["target_steps"] for r in rows)
+    emitted = sum(r["tokens_per_target_step"] * r["target_steps"] for r in rows)
+    return {"draft": draft, "num_draft": num_draft, "max_new_tokens": max_tokens, "reps": reps,
+            "acceptance_rate": sum(r["accepted_tokens"] for r in rows) / drafted if drafted else 0.0,
+            "tokens_per_target_step": emitted / steps if steps else 0.0,
+            "speedup": sum(r["plain_seconds"] for r in rows) / sum(r["speculative_seconds"] for r in rows),
+            "matches_plain": all(r.get("matches_plain", True) for r in rows), "rows": rows}
