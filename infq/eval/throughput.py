@@ -68,7 +68,11 @@ def batch_sweep(model: Any, config: Any, batch_sizes: list[int], prompt_len: int
     rows = []
     Engine(model, replace(config, max_num_seqs=1)).generate(_prompts(1, 8, model.cfg.vocab_size, rng), max_tokens=4)
     for b in batch_sizes:
-        eng = Engine(model, replace(config, max_num_seqs=b, max_num_batched_tokens=max(b * prompt_len, b)))
+        ecfg = replace(config, max_num_seqs=b, max_num_batched_tokens=max(b * prompt_len, b), prefix_caching=False)
+        if model.device.type == "cuda":  # the kernels' autotuning for these shapes happens here, untimed
+            Engine(model, ecfg).generate(_prompts(b, prompt_len, model.cfg.vocab_size, rng), max_tokens=gen_len,
+                                         ignore_eos=True)
+        eng = Engine(model, ecfg)
         for p in _prompts(b, prompt_len, model.cfg.vocab_size, rng):
             eng.add_request(p, max_tokens=gen_len, ignore_eos=True)
         times = []

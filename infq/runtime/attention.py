@@ -9,8 +9,9 @@ attends every query to its request's cached tokens: queries of a prefill chunk c
 Backends: `torch` (the CPU path, and the fallback everywhere): KV written by `kernels.ref.write_kv_ref`,
 decode tokens of all requests in one SDPA call over their gathered (dequantized) KV with a length
 mask, prefill chunks one SDPA call per request. `triton` (CUDA, when the kernels are present):
-`kernels.paged_attention` for decode and `kernels.flash_attention` for prefill, same layouts.
-Sliding windows (Mistral) use the torch path's masks.
+`kernels.paged_attention` for KV writes and decode, and one `kernels.flash_attention` varlen call
+for all prefill chunks of the step, same layouts. Sliding windows (Mistral) and fp32 models use
+the torch path.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class PagedBatch:
     decode_rows: Tensor  # (Bd,) int64: requests with one new token
     decode_tokens: Tensor  # (Bd,) int64: that token's row in the flattened batch
     decode_max_len: int  # longest context among the decode rows
+    prefill_rows: list[int]  # requests with more than one new token
+    prefill_tokens: Tensor  # (Np,) int64: their new tokens' rows in the flattened batch
+    prefill_kv_slots: Tensor  # (Nk,) int64: flat cache slots of their whole contexts, request after request
+    cu_q_prefill: Tensor  # (P+1,) int32 offsets into prefill_tokens
+    cu_k_prefill: Tensor  # (P+1,) int32 offsets into prefill_kv_slots
 
 
 def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
@@ -54,13 +60,21 @@ def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], b
     for n in counts:
         cu.append(cu[-1] + n)
     rows = [b for b, n in enumerate(counts) if n == 1]
+    pre = [b for b, n in enumerate(counts) if n > 1]
+    pre_tokens = [i for b in pre for i in range(cu[b], cu[b + 1])]
+    kv_slots = [tables[b][p // block_size] * block_size + p % block_size for b in pre for p in range(seq_lens[b])]
+    cu_q, cu_k = [0], [0]
+    for b in pre:
+        cu_q.append(cu_q[-1] + counts[b])
+        cu_k.append(cu_k[-1] + seq_lens[b])
 
     def t(x: list, dtype: torch.dtype) -> Tensor:
         return torch.tensor(x, dtype=dtype, device=device)
 
     return PagedBatch(t(slots, torch.int64), t(padded, torch.int32), t(seq_lens, torch.int32), list(counts),
                       seq_lens, t(cu, torch.int32), t(rows, torch.int64), t([cu[b] for b in rows], torch.int64),
-                      max((seq_lens[b] for b in rows), default=0))
+                      max((seq_lens[b] for b in rows), default=0), pre, t(pre_tokens, torch.int64),
+                      t(kv_slots, torch.int64), t(cu_q, torch.int32), t(cu_k, torch.int32))
 
 
 def _gather(cache: Tensor, scale: Tensor | None, tables: Tensor, dtype: torch.dtype) -> Tensor:
@@ -109,6 +123,15 @@ class TorchAttention:
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (Bd, Hkv, rep, D)
         return o.reshape(bd, n_heads, d)
 
+    def prefill_all(self, kv: KVCache, layer: int, q: Tensor, batch: PagedBatch, window: int | None,
+                    out: Tensor) -> None:
+        """Every prefill chunk of the step: rows of q (N, H, D) -> the same rows of out."""
+        start = 0
+        for b, n in enumerate(batch.query_lens):
+            if n > 1:
+                out[start:start + n] = self.prefill(kv, layer, q[start:start + n], b, batch, window)
+            start += n
+
     def prefill(self, kv: KVCache, layer: int, q: Tensor, b: int, batch: PagedBatch, window: int | None) -> Tensor:
         """q (Tq, H, D) of request b's chunk -> (Tq, H, D), causal over its cached prefix."""
         n = batch.seq_lens_host[b]
@@ -131,7 +154,9 @@ class TorchAttention:
 
 
 class TritonAttention(TorchAttention):
-    """The CUDA kernels of `infq.kernels` behind the same three calls (sliding windows excepted)."""
+    """The CUDA kernels of `infq.kernels` behind the same calls: KV writes, paged decode, and every
+    prefill chunk of the step in one varlen FlashAttention call over their gathered contexts. The
+    kernels take fp16/bf16 queries; fp32 models and sliding windows use the torch path."""
 
     name = "triton"
 
@@ -140,31 +165,43 @@ class TritonAttention(TorchAttention):
 
         self.fa, self.pa = flash_attention, paged_attention
 
+    @staticmethod
+    def _native(q: Tensor, window: int | None) -> bool:
+        return window is None and q.dtype in (torch.float16, torch.bfloat16)
+
     def write(self, kv: KVCache, layer: int, k: Tensor, v: Tensor, batch: PagedBatch) -> None:
         ks, vs = kv.scales(layer)
-        write = getattr(self.pa, "write_kv", write_kv_ref)
-        write(k, v, kv.k[layer], kv.v[layer], batch.slot_mapping, ks, vs)
+        self.pa.write_kv(k, v, kv.k[layer], kv.v[layer], batch.slot_mapping, ks, vs)
 
     def decode(self, kv: KVCache, layer: int, q: Tensor, batch: PagedBatch, window: int | None) -> Tensor:
-        if window is not None:
+        if not self._native(q, window):
             return super().decode(kv, layer, q, batch, window)
         ks, vs = kv.scales(layer)
         rows = batch.decode_rows
         return self.pa.paged_attention(q, kv.k[layer], kv.v[layer], batch.block_tables[rows],
                                        batch.seq_lens[rows], 1 / math.sqrt(q.shape[-1]), ks, vs)
 
-    def prefill(self, kv: KVCache, layer: int, q: Tensor, b: int, batch: PagedBatch, window: int | None) -> Tensor:
-        if window is not None:
-            return super().prefill(kv, layer, q, b, batch, window)
-        n = batch.seq_lens_host[b]
-        nb = -(-n // kv.block_size)
-        tables = batch.block_tables[b:b + 1, :nb].long()
+    def prefill_all(self, kv: KVCache, layer: int, q: Tensor, batch: PagedBatch, window: int | None,
+                    out: Tensor) -> None:
+        if not self._native(q, window):
+            return super().prefill_all(kv, layer, q, batch, window, out)
+        slots = batch.prefill_kv_slots
         ks, vs = kv.scales(layer)
-        k = _gather(kv.k[layer], ks, tables, q.dtype)[0, :n]  # (n, Hkv, D)
-        v = _gather(kv.v[layer], vs, tables, q.dtype)[0, :n]
-        cu_q = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor([0, n], dtype=torch.int32, device=q.device)
-        return self.fa.flash_attention_varlen(q, k, v, cu_q, cu_k, q.shape[0], n, causal=True)
+        k = _gather_slots(kv.k[layer], ks, slots, q.dtype)  # (Nk, Hkv, D)
+        v = _gather_slots(kv.v[layer], vs, slots, q.dtype)
+        q_pre = q[batch.prefill_tokens]  # (Np, H, D)
+        max_q = max(batch.query_lens[b] for b in batch.prefill_rows)
+        max_k = max(batch.seq_lens_host[b] for b in batch.prefill_rows)
+        out[batch.prefill_tokens] = self.fa.flash_attention_varlen(q_pre, k, v, batch.cu_q_prefill, batch.cu_k_prefill,
+                                                                   max_q, max_k, causal=True)
+
+
+def _gather_slots(cache: Tensor, scale: Tensor | None, slots: Tensor, dtype: torch.dtype) -> Tensor:
+    """Flat slots (N,) of a paged cache -> (N, Hkv, D) in `dtype`, dequantized."""
+    x = cache.view(-1, *cache.shape[2:])[slots]  # (N, Hkv, D)
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() * scale.view(-1, scale.shape[2])[slots][..., None]).to(dtype)
 
 
 def select_backend(device: torch.device, name: str = "auto") -> TorchAttention:
@@ -192,9 +229,6 @@ class PagedLayer:
         out = torch.empty_like(q)
         if batch.decode_rows.numel():
             out[batch.decode_tokens] = self.backend.decode(kv, layer, q[batch.decode_tokens], batch, window)
-        start = 0
-        for b, n in enumerate(batch.query_lens):
-            if n > 1:
-                out[start:start + n] = self.backend.prefill(kv, layer, q[start:start + n], b, batch, window)
-            start += n
+        if batch.prefill_rows:
+            self.backend.prefill_all(kv, layer, q, batch, window, out)
         return out

@@ -5,7 +5,8 @@ each request computes this step. A request is a list of token ids (prompt, then 
 many of them already have K/V in the cache (`num_computed`); prefill, a chunk of a long prefill
 and a decode step are the same thing, "compute the next n tokens". Running requests go first
 (oldest first), then waiting ones join while the budget, the sequence limit and the free blocks
-allow. A new request first maps the cached blocks of its prompt's prefix (automatic prefix
+allow, keeping one spare block per running request (so an admission does not force a preemption
+a few steps later). A new request first maps the cached blocks of its prompt's prefix (automatic prefix
 caching). When a running request needs a block and none is free, the newest running request is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed from
 its tokens later (its outputs so far are kept). A request that could never fit (longer than the
@@ -172,7 +173,10 @@ class Scheduler:
             hits = len(table)
             computed = hits * bs
             n = min(req.num_tokens - computed, budget)
-            if not self.pool.grow(table, computed + n):
+            # Headroom: after this prompt's blocks, one free block per running request, so that
+            # admitting it does not force preemptions (and recomputation) within the next steps.
+            spare = self.pool.num_free - (self.pool.blocks_needed(req.num_tokens) - hits)
+            if (self.running and spare < len(self.running)) or not self.pool.grow(table, computed + n):
                 self.pool.free(table)
                 return
             self.waiting.popleft()

@@ -1,6 +1,7 @@
-"""The engine on a CUDA GPU (skipped without one): with the Triton attention kernels, fp32 greedy
-outputs equal transformers' greedy generate on the demo model, batched and with chunked prefill,
-and bf16 runs through both attention backends to the same text for most tokens."""
+"""The engine on a CUDA GPU (skipped without one): fp32 greedy outputs equal transformers' greedy
+generate on the demo model, batched and with chunked prefill; one mixed step through the Triton
+attention (paged decode + varlen FlashAttention) equals the torch path's; bf16 runs through both
+backends to the same tokens for most positions."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 import transformers
 
 from infq.formats.hf import resolve_model
+from infq.runtime.attention import PagedLayer, TorchAttention, TritonAttention, build_batch
 from infq.runtime.engine import Engine, EngineConfig
 from infq.runtime.generate import eos_ids
+from infq.runtime.kv_cache import KVCache
 from infq.runtime.loader import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,12 +36,38 @@ def _hf(prompts, dtype):
 
 
 @pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 9}], ids=["batched", "chunked"])
-def test_fp32_triton_equals_transformers(prompts, kw):
-    loaded = load_model("demo", dtype="float32", device="cuda")
-    eng = Engine(loaded.model, EngineConfig(attention="triton", **kw), eos_ids=eos_ids(loaded))
-    assert eng.backend.name == "triton"
+def test_fp32_equals_transformers(prompts, kw):
+    loaded = load_model("demo", dtype="float32", device="cuda")  # fp32: the torch attention on the GPU
+    eng = Engine(loaded.model, EngineConfig(**kw), eos_ids=eos_ids(loaded))
     outs = eng.generate(prompts, max_tokens=NEW)
     assert [o.token_ids for o in outs] == _hf(prompts, torch.float32)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+def test_triton_step_matches_torch_step(kv_dtype):
+    """One mixed step (decodes, a whole prefill, a chunk over a prefix) through both backends."""
+    cfg = load_model("demo", tokenizer=False).config
+    kv = KVCache(cfg, 40, 16, kv_dtype, torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(37, 1), (5, 1), (0, 23), (40, 17)]  # (cached, new) per request
+    tables = [list(range(i * 10, i * 10 + -(-(c + n) // 16))) for i, (c, n) in enumerate(shapes)]
+    hkv, d, h = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    for t, (c, _) in zip(tables, shapes, strict=True):
+        if c:
+            pre = build_batch([t], [0], [c], 16, torch.device("cuda"))
+            k, v = (torch.randn(c, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            TorchAttention().write(kv, 0, k, v, pre)
+    batch = build_batch(tables, [c for c, _ in shapes], [n for _, n in shapes], 16, torch.device("cuda"))
+    n = sum(n for _, n in shapes)
+    q = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    outs = []
+    for backend in (TorchAttention(), TritonAttention()):
+        kv2 = KVCache(cfg, 40, 16, kv_dtype, torch.device("cuda"))
+        for a, b in zip(kv2.k + kv2.v + kv2.k_scale + kv2.v_scale, kv.k + kv.v + kv.k_scale + kv.v_scale, strict=True):
+            a.copy_(b)
+        outs.append(PagedLayer(backend, kv2, 0, batch).attend(q, k, v, None).float())
+    assert (outs[0] - outs[1]).abs().max().item() <= 2e-2  # bf16 outputs of two summation orders
 
 
 def test_bf16_backends_agree(prompts):
