@@ -231,11 +231,13 @@ def _round_half_even(y):
 def _round_to_e4m3(y):
     """Round fp32 |y| <= 448 to the nearest e4m3 value (ties to even), so the cast below is exact
     (the interpreter's own fp8 cast drops the carry when rounding crosses a power of two)."""
-    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent
+    bits = y.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127  # unbiased exponent
     ue = tl.maximum(e, -6) - 3  # ulp = 2^ue (subnormals: 2^-9)
     ulp = ((ue + 127) << 23).to(tl.float32, bitcast=True)
     inv = ((127 - ue) << 23).to(tl.float32, bitcast=True)  # exact reciprocal of a power of two
-    return _round_half_even(y * inv) * ulp
+    r = _round_half_even(tl.abs(y) * inv) * ulp
+    return tl.where(bits < 0, -r, r)  # the sign survives rounding to zero (-0 codes 0x80, as PyTorch's cast)
 
 
 @triton.jit

@@ -187,6 +187,7 @@ def test_write_kv_matches_reference(cache, dtype):
     k = (torch.randn(9, n_kv, d, generator=g) * 3).to(dtype)
     v = torch.randn(9, n_kv, d, generator=g).to(dtype)
     k[2, 1] = 0  # an all-zero row gets scale 1
+    k[3, 0, :8] = torch.tensor([-1e-6, 1e-6, -0.0, 0.0, -3e-4, 3e-4, -2e-3, 2e-3])  # to +-0 and fp8 subnormals
     slots = torch.tensor([5, 17, 18, 40, 95, 0, 64, 33, 63], dtype=torch.int64)
     cdt = cache or dtype
     caches = [torch.zeros(nb, bs, n_kv, d, dtype=cdt) for _ in range(4)]
