@@ -286,35 +286,36 @@ def _triton_supported(qt: QuantizedTensor) -> bool:
 
 # ------------------------------------------------------------------ choice
 
-def select(qt: QuantizedTensor, device: torch.device | str, dtype: torch.dtype) -> str:
-    """Name of the kernel `prepare` builds for this tensor, device and compute dtype."""
-    device = torch.device(device)
+def _choose(qt: QuantizedTensor, device: torch.device, dtype: torch.dtype) -> tuple[str, object]:
+    """(kernel name, what its constructor needs), each check and conversion done once."""
     if device.type == "cuda":
-        return "triton" if _triton_supported(qt) else "dense"
+        return ("triton", None) if _triton_supported(qt) else ("dense", None)
     if device.type != "cpu" or dtype != torch.bfloat16 or qt.scheme.kind == "fp8":
-        return "dense"
-    if Int8PackKernel.build(qt, dtype) is not None:
-        return "int8pack"
+        return "dense", None
+    k8 = Int8PackKernel.build(qt, dtype)
+    if k8 is not None:
+        return "int8pack", k8
     aff = affine_from(qt)
     if aff is not None and aff.bits <= 8 and kernel_group(aff.group, aff.codes.shape[1]) is not None:
-        return "int4pack"
-    return "dense"
+        return "int4pack", aff
+    return "dense", None
+
+
+def select(qt: QuantizedTensor, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Name of the kernel `prepare` builds for this tensor, device and compute dtype."""
+    return _choose(qt, torch.device(device), dtype)[0]
 
 
 def prepare(qt: QuantizedTensor, device: torch.device | str, dtype: torch.dtype) -> Kernel:
     """Repack `qt` once for the kernel `select` names; the result runs `kernel(x, bias)`."""
     device = torch.device(device)
-    choice = select(qt, device, dtype)
-    if choice == "triton":
+    name, made = _choose(qt, device, dtype)
+    if name == "triton":
         return TritonKernel(qt, device)
-    if choice == "int8pack":
-        k8 = Int8PackKernel.build(qt, dtype)
-        assert k8 is not None
-        return k8
-    if choice == "int4pack":
-        aff = affine_from(qt)
-        assert aff is not None
-        return Int4PackKernel(aff, dtype)
+    if isinstance(made, Int8PackKernel):
+        return made
+    if isinstance(made, Affine):
+        return Int4PackKernel(made, dtype)
     return DenseKernel(qt, device, dtype)
 
 
