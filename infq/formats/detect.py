@@ -22,6 +22,8 @@ def detect_format(path: Path) -> str:
         with open(path, "rb") as f:
             if f.read(4) == GGUF_MAGIC:
                 return "gguf"
+        if path.suffix.lower() == ".gguf":
+            raise InfqError(f"{path} is named .gguf but does not start with the GGUF magic; the file is corrupt, re-export it")
         raise InfqError(f"{path} is a file but not a GGUF model; pass a model directory or a .gguf file")
     qc = read_config(path).get("quantization_config")
     if not qc:

@@ -136,7 +136,8 @@ def _inspect_gguf(path: Path) -> dict[str, Any]:
 
     f = GGUFFile(path)
     cfg, meta = f.config, f.meta
-    tensors, counts = [], {}
+    tensors: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
     params = stored = 0
     for name in sorted(f.keys()):
         shape = list(f.shape(name))
@@ -150,7 +151,8 @@ def _inspect_gguf(path: Path) -> dict[str, Any]:
         params += numel
         stored += f.nbytes(name)
     ftype = meta.get("general.file_type")
-    quant: dict[str, Any] = {"quant_method": "gguf", "file_type": _FILE_TYPES.get(ftype, ftype),
+    quant: dict[str, Any] = {"quant_method": "gguf",
+                             "file_type": _FILE_TYPES.get(ftype, ftype) if isinstance(ftype, int) else ftype,
                              "types": dict(sorted(counts.items())),
                              "tokenizer": meta.get("tokenizer.ggml.model")}
     for key in ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",

@@ -147,7 +147,9 @@ def test_eval_cli_on_a_bad_gguf_exits_2(tmp_path: Path) -> None:
     from infq.cli.app import app
 
     path = _write(tmp_path / "a.gguf", "gpt2")
-    for args in (["eval", str(path), "--ppl", "demo"], ["inspect", str(path)]):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUX" + path.read_bytes()[4:])
+    for args in (["eval", str(path), "--ppl", "demo"], ["inspect", str(path)], ["inspect", str(tmp_path / "bad.gguf")],
+                 ["convert", str(path), "--to", "hf", "--out", str(tmp_path / "o")]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, result.output
         lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
