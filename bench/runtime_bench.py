@@ -38,6 +38,12 @@ def settings(gptq_dir: Path) -> dict[str, list[str]]:
     return out
 
 
+def _commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    return out.stdout.strip() or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="run only these settings")
@@ -59,8 +65,8 @@ def main() -> None:
                                                   "engine_decode_tokens_per_s_batch1", "continuous_over_static")}
             print(name, summary, flush=True)
             if not args.quick:
-                write(f"runtime_{name}.json", {"setting": name, "command": ["infq", "bench", *cli, "--json"],
-                                               "result": result})
+                write(f"runtime_{name}.json", {"setting": name, "code": _commit(),
+                                               "command": ["infq", "bench", *cli, "--json"], "result": result})
 
 
 if __name__ == "__main__":
