@@ -176,7 +176,8 @@ def test_config_level_refusals(ckpts, tmp_path) -> None:
         (ckpts.awq, "awq", {}, "already awq"),
         (ckpts.sym, "gptq", {}, "already gptq (gptq)"),
         (ckpts.src, "gptq", {}, "is not quantized"),
-        (ckpts.sym, "gguf", {}, "not a format infq converts to"),
+        (ckpts.sym, "exl2", {}, "not a format infq converts to"),
+        (ckpts.sym, "gguf", {}, "--to gguf needs --type"),
         (ckpts.sym, "awq", {"gptq_format": "gptq_v2"}, "--gptq-format gptq_v2 needs --to gptq"),
         (act, "awq", {}, "act-order"),
     ]
