@@ -292,11 +292,14 @@ def peaked(tmp_path_factory):
 PEAKED_PROMPT = [0, 2]
 
 
-def _sampled_counts(target_path: Path, draft_path: Path) -> tuple[dict[tuple, int], dict]:
+def _sampled_counts(target_path: Path, draft_path: Path | None) -> tuple[dict[tuple, int], dict]:
     target = load_model(str(target_path), tokenizer=False).model
-    draft = load_model(str(draft_path), tokenizer=False).model
     engine = Engine(target, EngineConfig(kv_memory=2**20, max_num_seqs=256))
-    engine.speculator = Speculator(DraftModelProposer(draft, engine.pool.num_blocks, 16), 3)
+    if draft_path is None:  # prompt lookup: point-mass drafts
+        engine.speculator = Speculator(NgramProposer(), 3)
+    else:
+        draft = load_model(str(draft_path), tokenizer=False).model
+        engine.speculator = Speculator(DraftModelProposer(draft, engine.pool.num_blocks, 16), 3)
     counts: dict[tuple, int] = defaultdict(int)
     for start in range(0, N_SAMPLES, 500):
         for out in _sample_batch(engine, PEAKED_PROMPT, start, 500):
@@ -305,15 +308,19 @@ def _sampled_counts(target_path: Path, draft_path: Path) -> tuple[dict[tuple, in
     return counts, engine.speculator.report()
 
 
-def test_sampled_outputs_follow_the_target_distribution(peaked):
+@pytest.mark.parametrize("proposer", ["model", "ngram"])
+def test_sampled_outputs_follow_the_target_distribution(peaked, proposer):
     """3000 seeded samples of 4 tokens (3^4 = 81 cells) from the target with an overconfident draft
-    (the target's logits x5; K = 3, clamped to the room left): chi-square against the exact joint
-    from transformers, significance 1e-3. The same samples reject the draft's own joint."""
+    model (the target's logits x5) or prompt lookup over the 2-token prompt (K = 3, clamped to the
+    room left): chi-square against the exact joint from transformers, significance 1e-3. The model
+    draft's samples also reject the draft's own joint, so the test tells the two apart."""
     target_path, draft_path, joint, draft_joint = peaked
-    counts, stats = _sampled_counts(target_path, draft_path)
+    counts, stats = _sampled_counts(target_path, draft_path if proposer == "model" else None)
+    assert stats["drafted_tokens"] > N_SAMPLES / 2, stats
     assert 0.05 < stats["acceptance_rate"] < 0.8, stats  # many rejections, many acceptances and bonus tokens
     assert _chi_square_p(counts, joint, N_SAMPLES) > ALPHA
-    assert _chi_square_p(counts, draft_joint, N_SAMPLES) < 1e-6
+    if proposer == "model":
+        assert _chi_square_p(counts, draft_joint, N_SAMPLES) < 1e-6
 
 
 def test_the_chi_square_test_detects_a_wrong_rule(peaked, monkeypatch):
