@@ -5,7 +5,8 @@
     python bench/speculative_bench.py --quick               # one rep, 24 tokens, to check that it runs
 
 Quantized-self drafts are made here with `infq quantize` (RTN 3- and 2-bit g128, GPTQ 3-bit g128
-on the demo calibration split); `ngram` is prompt lookup. Prompt sets: `code`, eight short
+on the demo calibration split; `q3km`, llama.cpp's Q3_K_M mix as GGUF, also accepted by --drafts);
+`ngram` is prompt lookup. Prompt sets: `code`, eight short
 repetitive Python snippets (infq.eval.spec_bench.CODE_PROMPTS); `prose`, the first eight long
 lines of wikitext-2's test split (--prose-file), cut to ~300 characters. Each (draft, set) is run
 one prompt at a time (batch 1) and as one continuous batch, greedy, `--max-new-tokens` each with EOS
@@ -24,7 +25,7 @@ from pathlib import Path
 from common import infq, write
 
 DRAFTS = {"rtn3": ["--method", "rtn", "--bits", "3"], "rtn2": ["--method", "rtn", "--bits", "2"],
-          "gptq3": ["--method", "gptq", "--bits", "3"]}
+          "gptq3": ["--method", "gptq", "--bits", "3"], "q3km": ["--method", "kquant", "--type", "Q3_K_M"]}
 PROSE = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
 
 
@@ -34,8 +35,8 @@ def make_drafts(names: list[str], work: Path) -> dict[str, str]:
         if name == "ngram":
             out[name] = "ngram"
             continue
-        path = work / f"demo-{name}"
-        if not (path / "config.json").exists():
+        path = work / (f"demo-{name}.gguf" if DRAFTS[name][1] == "kquant" else f"demo-{name}")
+        if not path.exists():
             start = time.perf_counter()
             infq("quantize", "--model", "demo", *DRAFTS[name], "--out", path, "--force")
             print(f"draft {name}: quantized in {time.perf_counter() - start:.0f} s", flush=True)

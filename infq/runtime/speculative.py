@@ -404,10 +404,17 @@ def check_draft(target: Any, draft: Any, name: str) -> None:
     if tv != dv:
         raise InfqError(f"draft {name} has a vocabulary of {dv} tokens, the target {tv}; a draft must use the "
                         "target's tokenizer (pick a draft from the same model family, or --draft ngram)")
-    tt, dt = target.tokenizer, draft.tokenizer
-    if tt is not None and dt is not None and tt.get_vocab() != dt.get_vocab():
+    tt, dt = _token_strings(target.tokenizer), _token_strings(draft.tokenizer)
+    if tt is not None and dt is not None and tt != dt:
         raise InfqError(f"draft {name} has a different tokenizer from the target's (same size, other tokens); "
                         "a draft must use the target's tokenizer (or --draft ngram)")
+
+
+def _token_strings(tokenizer: Any) -> list[str] | None:
+    """Every id's token string (HF tokenizers and the GGUF tokenizer alike); None without one."""
+    if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return None
+    return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
 
 
 def build_speculator(engine: Any, target: Any, draft: str, num_draft: str | int, dtype: str = "auto",
