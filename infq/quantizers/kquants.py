@@ -66,36 +66,96 @@ def _f32(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device)
 
 
+def _code_steps(isc: torch.Tensor, x: torch.Tensor, lo: int, hi: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Every candidate's codes at once, as a first code plus the candidates where a code steps.
+
+    isc (M, C) finite inverse scales, monotone along C; x (M, n). The code of element e under
+    candidate c is clamp(rint(isc[c] * x[e]), lo, hi): monotone in c, and it moves by at most a
+    few steps over the grid (the grid spans < 2 code units). -> L0 (M, n) codes under candidate 0,
+    sgn (M, n) the direction (+-1, 0), and per step j = 1.. idx (M, n) long: the first candidate
+    whose code is L0 + sgn*j (C: never). A linear estimate of each crossing is corrected against
+    the exact float32 rint, so the codes are those of evaluating every candidate.
+    """
+    C = isc.shape[-1]
+
+    def code(c: torch.Tensor) -> torch.Tensor:  # c (M, n) long -> the codes under candidate c
+        return rint(isc.gather(-1, c) * x).clamp(lo, hi)
+
+    L0 = rint(isc[:, :1] * x).clamp(lo, hi)  # (M, n)
+    delta = rint(isc[:, -1:] * x).clamp(lo, hi) - L0
+    sgn = torch.sign(delta)
+    a, d = isc[:, :1], (isc[:, -1:] - isc[:, :1]) / (C - 1)  # isc[c] ~ a + d*c
+    steps = []
+    for j in range(1, int(delta.abs().max()) + 1 if delta.numel() else 1):
+        active = delta.abs() >= j  # (M, n): crosses level j inside the grid, at some c in [1, C)
+        est = ((L0 + sgn * (j - 0.5)) / x - a) / d  # where isc[c] * x meets the half-way point
+        c = torch.where(active, torch.nan_to_num(est.ceil(), nan=1.0).clamp(1, C - 1), 1.0).long()
+        while True:  # first candidate that reached level j: move up, then down, exactly
+            up = active & (sgn * (code(c) - L0) < j)
+            if not bool(up.any()):
+                break
+            c = torch.where(up, c + 1, c)
+        while True:
+            prev = (c - 1).clamp(min=0)
+            down = active & (c > 1) & (sgn * (code(prev) - L0) >= j)
+            if not bool(down.any()):
+                break
+            c = torch.where(down, prev, c)
+        steps.append(torch.where(active, c, C))
+    return L0, sgn, steps
+
+
+def _candidate_sums(isc: torch.Tensor, xq: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lo: int,
+                    hi: int) -> torch.Tensor:
+    """Σw·L, Σw·L², Σw·x·L (float64) for every candidate's codes L = clamp(rint(isc * xq), lo, hi):
+    isc (M, C); xq, x, w (M, n) -> (M, 3, C).
+
+    O(n + C) per row: the sums under candidate 0 plus a histogram of the steps over candidates,
+    accumulated with a cumsum (see `_code_steps`).
+    """
+    M, C = isc.shape
+    L0, sgn, steps = _code_steps(isc, xq, lo, hi)
+    w64, L64 = w.double(), L0.double()
+    wx = w64 * x.double()
+    base = torch.stack([(w64 * L64).sum(-1), (w64 * L64 * L64).sum(-1), (wx * L64).sum(-1)], -1)
+    hist = torch.zeros(M, 3, C + 1, dtype=torch.float64, device=x.device)
+    s64 = sgn.double()
+    for j, c in enumerate(steps, 1):
+        new = L64 + s64 * j  # the code after step j; its square grows by new^2 - (new - sgn)^2
+        src = torch.stack([w64 * s64, w64 * s64 * (2 * new - s64), wx * s64], 1)  # (M, 3, n)
+        hist.scatter_add_(-1, c[:, None, :].expand(M, 3, c.shape[-1]), src)
+    return base[..., None] + hist[..., :C].cumsum(-1)  # (M, 3, C)
+
+
 def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None, search: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric fit, codes L in [0, 2*nmax) meaning L - nmax. x, w: (..., n) -> (scale (...), L).
 
     w None means weights x^2 (rmse_type 1). search False is plain RTN: scale = max / -nmax.
+    The 19 candidates are scored from `_candidate_sums` (float64), best (Σwxl)^2/Σwl^2 wins, the
+    first in upstream's order (0, -9..-1, 1..9) on ties.
     """
     mx = signed_max(x)  # (...)
     zero = mx.abs() < GROUP_MAX_EPS
-    steps = [0.0] + [float(s) for s in range(-9, 10) if s != 0]
     if not search:
-        steps = [0.0]
-    # -(nmax + 0.1f*is) / max, in float32 as upstream
-    iscale = -(nmax + _f32([0.1], x) * _f32(steps, x)) / mx[..., None]  # (..., C)
-    L = rint(iscale[..., None] * x[..., None, :]).clamp(-nmax, nmax - 1)  # (..., C, n)
-    if not search:
-        scale = torch.where(zero, 0.0, 1 / iscale[..., 0])
-        return scale, torch.where(zero[..., None], 0.0, L[..., 0, :] + nmax)
+        iscale = -nmax / mx
+        L = rint(iscale[..., None] * x).clamp(-nmax, nmax - 1)
+        return torch.where(zero, 0.0, 1 / iscale), torch.where(zero[..., None], 0.0, L + nmax)
+    n = x.shape[-1]
     w = x * x if w is None else w
-    wx = (w * x)[..., None, :]  # (..., 1, n)
-    sumlx = (wx * L).sum(-1)  # (..., C)
-    suml2 = (w[..., None, :] * L * L).sum(-1)  # (..., C)
-    scale = torch.where(suml2[..., 0] > 0, sumlx[..., 0] / suml2[..., 0], 0.0)
-    best = scale * sumlx[..., 0]
-    pick = torch.zeros_like(mx, dtype=torch.long)
-    for c in range(1, len(steps)):
-        better = (suml2[..., c] > 0) & (sumlx[..., c] * sumlx[..., c] > best * suml2[..., c])
-        pick = torch.where(better, c, pick)
-        scale = torch.where(better, sumlx[..., c] / suml2[..., c], scale)
-        best = torch.where(better, scale * sumlx[..., c], best)
-    L = L.gather(-2, pick[..., None, None].expand(*pick.shape, 1, x.shape[-1])).squeeze(-2)
+    steps = [float(s) for s in range(-9, 10)]  # ascending, so the inverse scales are monotone
+    # -(nmax + 0.1f*is) / max, in float32 as upstream; zero rows get a harmless stand-in max
+    isc = -(nmax + _f32([0.1], x) * _f32(steps, x)) / torch.where(zero, 1.0, mx).reshape(-1, 1)  # (M, 19)
+    sums = _candidate_sums(isc, x.reshape(-1, n), x.reshape(-1, n), w.expand_as(x).reshape(-1, n), -nmax, nmax - 1)
+    suml2, sumlx = sums[:, 1], sums[:, 2]  # (M, 19)
+    gain = torch.where(suml2 > 0, sumlx * sumlx / suml2, 0.0)
+    upstream = [9] + list(range(9)) + list(range(10, 19))  # candidate order 0, -9..-1, 1..9
+    order = torch.tensor(upstream, device=x.device)
+    pick = order[gain[:, order].argmax(-1)][:, None]  # (M, 1), first best in upstream's order
+    l2, lx = suml2.gather(-1, pick), sumlx.gather(-1, pick)
+    scale = torch.where(l2 > 0, lx / l2, 0.0).to(torch.float32).reshape(mx.shape)
+    L = rint(isc.gather(-1, pick) * x.reshape(-1, n)).clamp(-nmax, nmax - 1).reshape(x.shape)
     scale = torch.where(zero, 0.0, torch.nan_to_num(scale))
     return scale, torch.where(zero[..., None], 0.0, L + nmax)
 
@@ -133,53 +193,91 @@ def make_qkx(x: torch.Tensor, nmax: int, w: torch.Tensor, rmin: float, rdelta: f
     """Scale + min fit: value = scale*L - the_min, L in [0, nmax], the_min >= 0.
 
     x, w: (..., n) -> (scale (...), the_min (...), L (..., n)). nstep 0 is plain min/max RTN.
+    Squared error (use_mad False): every candidate's sums come from `_candidate_sums` and its
+    error from the closed form of the 2x2 fit, in float64; the absolute error (Q2_K) evaluates
+    every candidate directly.
     """
     mn = x.amin(-1).clamp(max=0.0)  # (...)
     mx = x.amax(-1)
     flat = mx <= mn
     rng = mx - mn
-    sum_w = w.sum(-1)
-    sum_x = (w * x).sum(-1)
     xm = x - mn[..., None]  # (..., n)
-
-    def err(scale: torch.Tensor, mins: torch.Tensor, L: torch.Tensor, xx: torch.Tensor,
-            ww: torch.Tensor) -> torch.Tensor:
-        diff = scale[..., None] * L + mins[..., None] - xx  # (scale*L + min) - x, as upstream
-        return (ww * (diff.abs() if use_mad else diff * diff)).sum(-1)
-
     iscale = nmax / rng
     scale = 1 / iscale
     L = rint(iscale[..., None] * xm).clamp(0, nmax)  # (..., n)
     mins = mn.clone()
     if nstep >= 1:
-        best = err(scale, mins, L, x, w)
         steps = _f32([float(s) for s in range(nstep + 1)], x)
         num = (rmin + rdelta * steps) + nmax  # (C,) float32: (rmin + rdelta*is) + nmax
         isc = num / rng[..., None]  # (..., C)
-        La = rint(isc[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n)
-        wl = w[..., None, :] * La
-        sum_l = wl.sum(-1)
-        sum_l2 = (wl * La).sum(-1)
-        sum_xl = (wl * x[..., None, :]).sum(-1)
-        D = sum_w[..., None] * sum_l2 - sum_l * sum_l
-        ts = (sum_w[..., None] * sum_xl - sum_x[..., None] * sum_l) / D
-        tm = (sum_l2 * sum_x[..., None] - sum_l * sum_xl) / D
-        pos = tm > 0
-        tm = torch.where(pos, 0.0, tm)
-        ts = torch.where(pos, sum_xl / sum_l2, ts)
-        cur = err(ts, tm, La, x[..., None, :], w[..., None, :])  # (..., C)
-        pick = torch.full_like(mn, -1, dtype=torch.long)
-        for c in range(nstep + 1):
-            better = (D[..., c] > 0) & (cur[..., c] < best)
-            pick = torch.where(better, c, pick)
-            best = torch.where(better, cur[..., c], best)
-            scale = torch.where(better, ts[..., c], scale)
-            mins = torch.where(better, tm[..., c], mins)
-        chosen = La.gather(-2, pick.clamp(min=0)[..., None, None].expand(*pick.shape, 1, x.shape[-1]))
-        L = torch.where((pick >= 0)[..., None], chosen.squeeze(-2), L)
+        fit = _qkx_mad if use_mad else _qkx_squared
+        better, ts, tm, pick = fit(x, xm, w, isc, flat, scale, mins, L, nmax)
+        scale = torch.where(better, ts, scale)
+        mins = torch.where(better, tm, mins)
+        chosen = rint(isc.gather(-1, pick[..., None]) * xm).clamp(0, nmax)
+        L = torch.where(better[..., None], chosen, L)
     scale = torch.where(flat, 0.0, torch.nan_to_num(scale))
     L = torch.where(flat[..., None], 0.0, L)
     return scale, -mins, L
+
+
+def _qkx_squared(x, xm, w, isc, flat, scale, mins, L, nmax):
+    """make_qkx's search on the weighted squared error -> (better, scale, min, candidate) per row."""
+    lead, n, C = x.shape[:-1], x.shape[-1], isc.shape[-1]
+    ok = ~flat & torch.isfinite(isc).all(-1)  # rows with a usable grid (not flat, no 1/subnormal)
+    grid = torch.where(ok[..., None], isc, 1.0 + torch.arange(C, device=x.device))
+    sums = _candidate_sums(grid.reshape(-1, C), xm.reshape(-1, n), x.reshape(-1, n), w.reshape(-1, n), 0, nmax)
+    sum_l, sum_l2, sum_xl = sums.reshape(*lead, 3, C).unbind(-2)  # (..., C) float64
+    w64, x64 = w.double(), x.double()
+    sum_w, sum_x = w64.sum(-1, keepdim=True), (w64 * x64).sum(-1, keepdim=True)
+    sum_x2 = (w64 * x64 * x64).sum(-1, keepdim=True)
+    D = sum_w * sum_l2 - sum_l * sum_l
+    ts = (sum_w * sum_xl - sum_x * sum_l) / D
+    tm = (sum_l2 * sum_x - sum_l * sum_xl) / D
+    pos = tm > 0
+    tm = torch.where(pos, 0.0, tm).to(torch.float32)
+    ts = torch.where(pos, sum_xl / sum_l2, ts).to(torch.float32)
+    s, m = ts.double(), tm.double()  # the error of the float32 pair actually kept
+    cur = (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w - 2 * m * sum_x + sum_x2)
+    cur = torch.where((D > 0) & ok[..., None], cur, torch.inf)
+    diff = scale.double()[..., None] * L.double() + mins.double()[..., None] - x64
+    best = (w64 * diff * diff).sum(-1)  # the plain min/max fit's error
+    low, pick = cur.min(-1)  # first minimum
+    better = low < best
+    return better, ts.gather(-1, pick[..., None]).squeeze(-1), tm.gather(-1, pick[..., None]).squeeze(-1), pick
+
+
+def _qkx_mad(x, xm, w, isc, flat, scale, mins, L, nmax):
+    """make_qkx's search on the weighted absolute error, every candidate evaluated directly."""
+    sum_w = w.sum(-1)
+    sum_x = (w * x).sum(-1)
+
+    def err(scale: torch.Tensor, mins: torch.Tensor, L: torch.Tensor, xx: torch.Tensor,
+            ww: torch.Tensor) -> torch.Tensor:
+        diff = scale[..., None] * L + mins[..., None] - xx  # (scale*L + min) - x, as upstream
+        return (ww * diff.abs()).sum(-1)
+
+    best = err(scale, mins, L, x, w)
+    La = rint(isc[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n)
+    wl = w[..., None, :] * La
+    sum_l = wl.sum(-1)
+    sum_l2 = (wl * La).sum(-1)
+    sum_xl = (wl * x[..., None, :]).sum(-1)
+    D = sum_w[..., None] * sum_l2 - sum_l * sum_l
+    ts = (sum_w[..., None] * sum_xl - sum_x[..., None] * sum_l) / D
+    tm = (sum_l2 * sum_x[..., None] - sum_l * sum_xl) / D
+    pos = tm > 0
+    tm = torch.where(pos, 0.0, tm)
+    ts = torch.where(pos, sum_xl / sum_l2, ts)
+    cur = err(ts, tm, La, x[..., None, :], w[..., None, :])  # (..., C)
+    pick = torch.zeros_like(mins, dtype=torch.long)
+    better = torch.zeros_like(flat)
+    for c in range(isc.shape[-1]):  # strict "better than the best so far", as upstream
+        b = (D[..., c] > 0) & (cur[..., c] < best)
+        pick = torch.where(b, c, pick)
+        best = torch.where(b, cur[..., c], best)
+        better = better | b
+    return better, ts.gather(-1, pick[..., None]).squeeze(-1), tm.gather(-1, pick[..., None]).squeeze(-1), pick
 
 
 def make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,3 +152,127 @@ def test_bad_input_is_one_line_error(args: tuple, match: str) -> None:
 def test_dequantize_rejects_wrong_row_bytes() -> None:
     with pytest.raises(InfqError, match="does not hold"):
         kquants.dequantize(np.zeros((2, 100), np.uint8), "Q4_K", 256)
+
+
+# ---------------------------------------------------------------- fast searches vs all candidates
+# Oracle: the straightforward searches (every candidate's codes materialized, float32 sums, upstream's
+# candidate loop). The library scores candidates from step histograms in float64; its pick's
+# weighted squared error must be within 1e-6 relative of the oracle's pick (it may be lower: the
+# oracle's float32 sums can mis-order near-equal candidates).
+
+
+def _oracle_qx(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rint = kquants.rint
+    mx = kquants.signed_max(x)
+    zero = mx.abs() < kquants.GROUP_MAX_EPS
+    steps = torch.tensor([0.0] + [float(s) for s in range(-9, 10) if s != 0])
+    iscale = -(nmax + torch.tensor([0.1]) * steps) / mx[..., None]  # (..., C)
+    L = rint(iscale[..., None] * x[..., None, :]).clamp(-nmax, nmax - 1)  # (..., C, n)
+    sumlx = ((w * x)[..., None, :] * L).sum(-1)
+    suml2 = (w[..., None, :] * L * L).sum(-1)
+    scale = torch.where(suml2[..., 0] > 0, sumlx[..., 0] / suml2[..., 0], 0.0)
+    best = scale * sumlx[..., 0]
+    pick = torch.zeros_like(mx, dtype=torch.long)
+    for c in range(1, len(steps)):
+        better = (suml2[..., c] > 0) & (sumlx[..., c] * sumlx[..., c] > best * suml2[..., c])
+        pick = torch.where(better, c, pick)
+        scale = torch.where(better, sumlx[..., c] / suml2[..., c], scale)
+        best = torch.where(better, scale * sumlx[..., c], best)
+    L = L.gather(-2, pick[..., None, None].expand(*pick.shape, 1, x.shape[-1])).squeeze(-2)
+    return torch.where(zero, 0.0, scale), torch.where(zero[..., None], 0.0, L + nmax)
+
+
+def _oracle_qkx(x: torch.Tensor, nmax: int, w: torch.Tensor, rmin: float, rdelta: float, nstep: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rint = kquants.rint
+    mn = x.amin(-1).clamp(max=0.0)
+    rng = x.amax(-1) - mn
+    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
+    xm = x - mn[..., None]
+
+    def err(scale, mins, L, xx, ww):
+        diff = scale[..., None] * L + mins[..., None] - xx
+        return (ww * diff * diff).sum(-1)
+
+    scale = rng / nmax
+    L = rint(nmax / rng[..., None] * xm).clamp(0, nmax)
+    mins = mn.clone()
+    best = err(scale, mins, L, x, w)
+    num = (rmin + rdelta * torch.arange(nstep + 1, dtype=torch.float32)) + nmax
+    La = rint((num / rng[..., None])[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n)
+    wl = w[..., None, :] * La
+    sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * La).sum(-1), (wl * x[..., None, :]).sum(-1)
+    D = sum_w[..., None] * sum_l2 - sum_l * sum_l
+    ts = (sum_w[..., None] * sum_xl - sum_x[..., None] * sum_l) / D
+    tm = (sum_l2 * sum_x[..., None] - sum_l * sum_xl) / D
+    pos = tm > 0
+    tm = torch.where(pos, 0.0, tm)
+    ts = torch.where(pos, sum_xl / sum_l2, ts)
+    cur = err(ts, tm, La, x[..., None, :], w[..., None, :])
+    pick = torch.full_like(mn, -1, dtype=torch.long)
+    for c in range(nstep + 1):
+        better = (D[..., c] > 0) & (cur[..., c] < best)
+        pick, best = torch.where(better, c, pick), torch.where(better, cur[..., c], best)
+        scale, mins = torch.where(better, ts[..., c], scale), torch.where(better, tm[..., c], mins)
+    chosen = La.gather(-2, pick.clamp(min=0)[..., None, None].expand(*pick.shape, 1, x.shape[-1]))
+    return scale, -mins, torch.where((pick >= 0)[..., None], chosen.squeeze(-2), L)
+
+
+def _fit_err(x: torch.Tensor, w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    d = value.double() - x.double()
+    return (w.double() * d * d).sum(-1)  # per sub-block
+
+
+def _pick_err_qkx(x: torch.Tensor, w: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """The weighted squared error of codes L (..., n) under their float64 least-squares scale and
+    min (min <= 0 in value = scale*L + min, else min 0): what a pick is worth before float32."""
+    x, w, L = x.double(), w.double(), L.double()
+    sw, sx, sl, sl2, sxl = w.sum(-1), (w * x).sum(-1), (w * L).sum(-1), (w * L * L).sum(-1), (w * x * L).sum(-1)
+    D = sw * sl2 - sl * sl
+    s, m = (sw * sxl - sx * sl) / D, (sl2 * sx - sl * sxl) / D
+    pos = m > 0
+    s, m = torch.where(pos, sxl / sl2, s), torch.where(pos, 0.0, m)
+    return _fit_err(x, w, s[..., None] * L + m[..., None])
+
+
+def _pick_err_qx(x: torch.Tensor, w: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    x, w, L = x.double(), w.double(), L.double()
+    sxl, sl2 = (w * x * L).sum(-1), (w * L * L).sum(-1)
+    return _fit_err(x, w, (sxl / sl2)[..., None] * L)
+
+
+def _search_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3000, n, generator=g) * torch.exp(torch.randn(3000, 1, generator=g))
+    x[:500] = x[:500].abs()  # all-positive sub-blocks (the min clamps to 0)
+    x[500:600] = torch.round(x[500:600] * 4) / 4  # ties on the grid
+    w = torch.exp(2 * torch.randn(3000, n, generator=g))
+    return x, w
+
+
+@pytest.mark.parametrize(("nmax", "rmin", "rdelta", "nstep", "n"), [
+    (15, -1.0, 0.1, 20, 32), (15, -0.9, 0.05, 36, 32), (31, -0.5, 0.1, 15, 32), (31, -0.9, 0.05, 36, 32),
+    (3, -0.9, 0.05, 36, 16), (15, -0.9, 0.05, 36, 16)])
+def test_fast_qkx_search_matches_all_candidates(nmax: int, rmin: float, rdelta: float, nstep: int, n: int) -> None:
+    x, w = _search_data(n, nmax + nstep)
+    s, m, L = kquants.make_qkx(x, nmax, w, rmin, rdelta, nstep, False)
+    os_, om, oL = _oracle_qkx(x, nmax, w, rmin, rdelta, nstep)
+    assert not bool((_pick_err_qkx(x, w, L) > _pick_err_qkx(x, w, oL) * (1 + 1e-6)).any())  # NaN: no fit either way
+    ours = _fit_err(x, w, s[:, None] * L - m[:, None])  # float32 scale and min: a looser tolerance
+    ref = _fit_err(x, w, os_[:, None] * oL - om[:, None])
+    assert not bool((ours > ref * (1 + 1e-4) + 1e-12).any())
+    assert float((L != oL).any(-1).double().mean()) < 0.01  # the same pick almost always
+
+
+@pytest.mark.parametrize(("nmax", "n", "weighted"), [(4, 16, True), (8, 32, True), (16, 32, True), (32, 16, False),
+                                                     (32, 16, True), (16, 16, False)])
+def test_fast_qx_search_matches_all_candidates(nmax: int, n: int, weighted: bool) -> None:
+    x, w = _search_data(n, nmax)
+    w = w if weighted else x * x
+    s, L = kquants.make_qx(x, nmax, w if weighted else None)
+    os_, oL = _oracle_qx(x, nmax, w)
+    assert not bool((_pick_err_qx(x, w, L - nmax) > _pick_err_qx(x, w, oL - nmax) * (1 + 1e-6)).any())
+    ours = _fit_err(x, w, s[:, None] * (L - nmax))
+    ref = _fit_err(x, w, os_[:, None] * (oL - nmax))
+    assert not bool((ours > ref * (1 + 1e-4) + 1e-12).any())
+    assert float((L != oL).any(-1).double().mean()) < 0.05  # float64 scoring re-orders near-equal candidates
