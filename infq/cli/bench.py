@@ -46,6 +46,7 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     draft: str = typer.Option(None, "--draft", help="Instead: speculative vs plain decoding with this draft (a checkpoint sharing the tokenizer, or 'ngram')."),
     num_draft: str = typer.Option("4", "--num-draft", help="Draft tokens per step with --draft: K >= 1, or 'auto'."),
+    draft_dtype: str = typer.Option(None, "--draft-dtype", help="With --draft: the draft's dtype (default: --dtype)."),
     spec_prompts: str = typer.Option(None, "--spec-prompts", help="With --draft: a text file whose long lines make a second prompt set ('text') beside the built-in code prompts."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -69,7 +70,8 @@ def bench(
                             kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens)
         console = stderr_console()
         if draft is not None:
-            _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, device, json_out, console)
+            _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, draft_dtype or dtype, device,
+                         json_out, console)
             return
         loaded = load_model(model, dtype=dtype, device=device, tokenizer=False)
         result = run_bench(loaded, ecfg, cfg, device, progress=lambda m: console.print(f"[dim]{m}...[/]"))
@@ -80,7 +82,8 @@ def bench(
         _print(result)
 
 
-def _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, device, json_out, console) -> None:
+def _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, draft_dtype, device, json_out,
+                 console) -> None:
     """Speculative decoding vs plain decoding (infq.eval.spec_bench), one row per prompt set and batching."""
     from infq.eval.spec_bench import CODE_PROMPTS, bench_draft, text_prompts
     from infq.runtime.loader import load_model
@@ -89,7 +92,7 @@ def _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, de
     parse_num_draft(num_draft)
     sets = {"code": CODE_PROMPTS, **({"text": text_prompts(spec_prompts)} if spec_prompts else {})}
     target = load_model(model, dtype=dtype, device=device)
-    r = bench_draft(target, ecfg, draft, num_draft, sets, gen_len, dtype=dtype, device=device,
+    r = bench_draft(target, ecfg, draft, num_draft, sets, gen_len, dtype=draft_dtype, device=device,
                     progress=lambda row: console.print(f"[dim]{row['prompt_set']} {'batched' if row['batched'] else 'batch 1'} done...[/]"))
     if json_out:
         print_json({"model": model, **r})

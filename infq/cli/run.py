@@ -35,6 +35,7 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     draft: str = typer.Option(None, "--draft", help="Speculative decoding: a draft checkpoint sharing the tokenizer, or 'ngram' (prompt lookup)."),
     num_draft: str = typer.Option("4", "--num-draft", help="Draft tokens per step, K >= 1, or 'auto' (adapted per request to its acceptance rate)."),
+    draft_dtype: str = typer.Option(None, "--draft-dtype", help="The draft's dtype (default: --dtype); bfloat16 on a CPU runs 1-8-bit drafts on int4pack kernels."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt instead of streaming."),
 ) -> None:
     """Generate text. Example: infq run qwen-awq --prompt "The capital of France is" """
@@ -58,7 +59,7 @@ def run(
         if draft is not None:
             from infq.runtime.speculative import build_speculator, warm_up
 
-            engine.speculator = build_speculator(engine, loaded, draft, num_draft, dtype, device)
+            engine.speculator = build_speculator(engine, loaded, draft, num_draft, draft_dtype or dtype, device)
             warm_up(engine, engine.tokenizer(prompts[0]).input_ids)  # the speedup compares warm runs
         stream = prompt is not None and not json_out
         on_output = (lambda _i, out: typer.echo(out.new_text, nl=False)) if stream else None

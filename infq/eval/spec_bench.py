@@ -113,7 +113,7 @@ def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, pro
                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """`infq bench --draft`: `compare` for every prompt set, batch 1 and batched; the top-level
     figures pool all rows (acceptance = accepted / drafted, tokens per target step = tokens /
-    verifications, speedup = plain seconds / speculative seconds)."""
+    verifications, speedup = plain seconds / speculative seconds). `dtype` is the draft's."""
     from infq.runtime.speculative import build_speculator
 
     rows = []
@@ -128,7 +128,7 @@ def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, pro
     drafted = sum(r["drafted_tokens"] for r in rows)
     steps = sum(r["target_steps"] for r in rows)
     emitted = sum(r["tokens_per_target_step"] * r["target_steps"] for r in rows)
-    return {"draft": draft, "num_draft": num_draft, "max_new_tokens": max_tokens, "reps": reps,
+    return {"draft": draft, "draft_dtype": dtype, "num_draft": num_draft, "max_new_tokens": max_tokens, "reps": reps,
             "acceptance_rate": sum(r["accepted_tokens"] for r in rows) / drafted if drafted else 0.0,
             "tokens_per_target_step": emitted / steps if steps else 0.0,
             "speedup": sum(r["plain_seconds"] for r in rows) / sum(r["speculative_seconds"] for r in rows),

@@ -381,6 +381,14 @@ def test_cli_reports_acceptance_and_matches_plain(models):
     assert res["speedup"] > 0 and res["num_draft"] == "auto"
 
 
+def test_bf16_draft_for_an_fp32_target_keeps_greedy_output(models):
+    r = CliRunner().invoke(app, ["run", str(models["target"]), "--prompt", "abcabcabcabc", "--draft",
+                                 str(models["target"]), "--draft-dtype", "bfloat16", "--max-new-tokens", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.splitlines()[0])
+    assert res["matches_plain"] is True and res["acceptance_rate"] > 0.5
+
+
 def test_bench_draft_reports_rows_and_pooled_figures(models):
     r = CliRunner().invoke(app, ["bench", str(models["target"]), "--draft", "ngram", "--num-draft", "3",
                                  "--gen-len", "8", "--json"])
