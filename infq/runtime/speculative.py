@@ -122,21 +122,50 @@ class Proposal:
 
 class NgramProposer:
     """Prompt lookup: the tokens after the latest earlier occurrence of the last n tokens, for n
-    from `max_n` down to `min_n`."""
+    from `max_n` down to `min_n`. Each request keeps an index n-gram -> latest start, extended as
+    its tokens grow (tokens are only ever appended), so a lookup costs O(max_n), not a scan."""
 
     name = "ngram"
 
     def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
         self.max_n, self.min_n = max_n, min_n
+        self.index: dict[Any, _NgramIndex] = {}
 
     def propose(self, reqs: list[Request], ks: list[int], sampling: list[tuple[SamplingParams, Any]]) -> list[Proposal]:
-        return [Proposal(lookup(r.token_ids, k, self.max_n, self.min_n) if k else []) for r, k in zip(reqs, ks, strict=True)]
+        out = []
+        for req, k in zip(reqs, ks, strict=True):
+            index = self.index.setdefault(req.request_id, _NgramIndex(self.min_n, self.max_n))
+            out.append(Proposal(index.lookup(req.token_ids, k) if k else []))
+        return out
 
     def rollback(self, request_id: Any, num_tokens: int) -> None:
-        pass
+        pass  # the index only covers tokens the request has (accepted drafts included)
 
     def retain(self, request_ids: set) -> None:
-        pass
+        for rid in [r for r in self.index if r not in request_ids]:
+            del self.index[rid]
+
+
+class _NgramIndex:
+    """For each n, the latest start i of every n-gram of the tokens with i + n < len(tokens)
+    (an occurrence with a continuation, never the suffix itself)."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.sizes = range(max_n, min_n - 1, -1)
+        self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.done = {n: 0 for n in self.sizes}  # starts indexed so far
+
+    def lookup(self, tokens: Sequence[int], k: int) -> list[int]:
+        size = len(tokens)
+        for n in self.sizes:
+            table = self.starts[n]
+            for i in range(self.done[n], size - n):
+                table[tuple(tokens[i:i + n])] = i
+            self.done[n] = max(self.done[n], size - n)
+            i = table.get(tuple(tokens[size - n:])) if size > n else None
+            if i is not None:
+                return list(tokens[i + n:i + n + k])
+        return []
 
 
 def lookup(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> list[int]:

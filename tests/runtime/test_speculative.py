@@ -400,3 +400,15 @@ def test_bench_draft_reports_rows_and_pooled_figures(models):
     assert res["acceptance_rate"] == pytest.approx(sum(row["accepted_tokens"] for row in res["rows"]) / drafted)
     for row in res["rows"]:
         assert row["generated_tokens"] == 8 * 8 and 1 <= row["tokens_per_target_step"] <= 4
+
+
+def test_incremental_ngram_index_equals_the_scan():
+    """The proposer's index, fed a sequence as it grows, proposes what a full backwards scan does."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        tokens = torch.randint(0, 2 + trial % 5, (120,), generator=g).tolist()
+        proposer = NgramProposer(max_n=3, min_n=1 + trial % 2)
+        for end in range(1, len(tokens), 1 + trial % 4):
+            req = speculative.Request(0, tokens[:1], 200, token_ids=tokens[:end])
+            got = proposer.propose([req], [4], [(SamplingParams(), None)])[0].tokens
+            assert got == lookup(tokens[:end], 4, 3, 1 + trial % 2), (trial, end)
