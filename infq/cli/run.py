@@ -57,7 +57,8 @@ def run(
             raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
         engine, loaded = open_engine(model, config, dtype, device)
         if draft is not None:
-            from infq.runtime.speculative import build_speculator, warm_up
+            from infq.eval.spec_bench import warm_up
+            from infq.runtime.speculative import build_speculator
 
             engine.speculator = build_speculator(engine, loaded, draft, num_draft, draft_dtype or dtype, device)
             warm_up(engine, engine.tokenizer(prompts[0]).input_ids)  # the speedup compares warm runs
@@ -99,7 +100,7 @@ def run(
 
 def _speculative(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos, stop) -> dict:
     """Acceptance, tokens per target step, and the speedup over the same prompts decoded plainly."""
-    from infq.runtime.speculative import compare_with_plain
+    from infq.eval.spec_bench import compare_with_plain
 
     return compare_with_plain(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos=ignore_eos,
                               stop=stop or ())

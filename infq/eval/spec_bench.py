@@ -7,6 +7,7 @@ tokens per target step, mean drafts per step, the formula (1 - a^(K+1)) / (1 - a
 a and K, the draft's cost per pass relative to a plain step (c), wall-clock speedup, and for
 greedy decoding whether the outputs equal plain decoding's (they must). `CODE_PROMPTS` are short
 repetitive Python snippets; `text_prompts` cuts prompts from a local text file (e.g. wikitext).
+`compare_with_plain` is what `infq run --draft` reports after its run.
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ def text_prompts(path: str | Path, n: int = 8, chars: int = 300, min_chars: int 
 def _timed(make_engine: Callable[[], Any], prompts: list[list[int]], batched: bool, max_tokens: int,
            params: Any, reps: int) -> tuple[float, list[list[int]], Any, int]:
     """Fastest of `reps` warm runs: (seconds, outputs, the engine of the last run, its timed steps)."""
-    from infq.runtime.speculative import warm_up
-
     best, outputs, engine, steps = float("inf"), [], None, 0
     for _ in range(reps):
         engine = make_engine()
@@ -133,3 +132,34 @@ def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, pro
             "tokens_per_target_step": emitted / steps if steps else 0.0,
             "speedup": sum(r["plain_seconds"] for r in rows) / sum(r["speculative_seconds"] for r in rows),
             "matches_plain": all(r.get("matches_plain", True) for r in rows), "rows": rows}
+
+
+def warm_up(engine: Any, prompt_ids: Sequence[int], tokens: int = 4) -> None:
+    """A short generation through `engine` (and its draft) so that timed runs start warm (first
+    calls allocate and page in); the speculator's counts start again after it."""
+    from infq.runtime.speculative import SpecStats
+
+    engine.generate([list(prompt_ids)], max_tokens=tokens, ignore_eos=True)
+    if engine.speculator is not None:
+        engine.speculator.stats = SpecStats()
+
+
+def compare_with_plain(engine: Any, prompts: Sequence[str], results: list[dict], seconds: float,
+                       max_new_tokens: int, params: Any, **kwargs: Any) -> dict[str, Any]:
+    """The speculator's figures for a finished `run_prompts` over `engine` (which took `seconds`),
+    and the same prompts decoded plainly by a fresh engine over the same model: wall-clock speedup,
+    and for greedy runs whether the token ids are identical (they must be)."""
+    from infq.runtime.engine import Engine
+    from infq.runtime.generate import run_prompts
+
+    report = engine.speculator.report()
+    plain = Engine(engine.model, engine.config, eos_ids=sorted(engine.eos_ids), tokenizer=engine.tokenizer)
+    warm_up(plain, engine.tokenizer(prompts[0]).input_ids)
+    start = time.perf_counter()
+    baseline = run_prompts(plain, prompts, max_new_tokens, params, **kwargs)
+    plain_seconds = time.perf_counter() - start
+    report.update(speculative_seconds=seconds, plain_seconds=plain_seconds,
+                  speedup=plain_seconds / seconds if seconds > 0 else 0.0)
+    if params.temperature == 0:
+        report["matches_plain"] = [r.get("token_ids") for r in results] == [r.get("token_ids") for r in baseline]
+    return report

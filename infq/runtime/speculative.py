@@ -460,32 +460,3 @@ def build_speculator(engine: Any, target: Any, draft: str, num_draft: str | int,
     loaded = load_model(draft, dtype=dtype, device=device)
     check_draft(target, loaded, draft)
     return Speculator(DraftModelProposer(loaded.model, engine.pool.num_blocks, engine.pool.block_size, draft), k)
-
-
-def warm_up(engine: Any, prompt_ids: Sequence[int], tokens: int = 4) -> None:
-    """A short generation through `engine` (and its draft) so that timed runs start warm (first
-    calls allocate and page in); the speculator's counts start again after it."""
-    engine.generate([list(prompt_ids)], max_tokens=tokens, ignore_eos=True)
-    if engine.speculator is not None:
-        engine.speculator.stats = SpecStats()
-
-
-def compare_with_plain(engine: Any, prompts: Sequence[str], results: list[dict], seconds: float,
-                       max_new_tokens: int, params: SamplingParams, **kwargs: Any) -> dict[str, Any]:
-    """The speculator's figures for a finished `run_prompts` over `engine` (which took `seconds`),
-    and the same prompts decoded plainly by a fresh engine over the same model: wall-clock speedup,
-    and for greedy runs whether the token ids are identical (they must be)."""
-    from infq.runtime.engine import Engine
-    from infq.runtime.generate import run_prompts
-
-    report = engine.speculator.report()
-    plain = Engine(engine.model, engine.config, eos_ids=sorted(engine.eos_ids), tokenizer=engine.tokenizer)
-    warm_up(plain, engine.tokenizer(prompts[0]).input_ids)
-    start = time.perf_counter()
-    baseline = run_prompts(plain, prompts, max_new_tokens, params, **kwargs)
-    plain_seconds = time.perf_counter() - start
-    report.update(speculative_seconds=seconds, plain_seconds=plain_seconds,
-                  speedup=plain_seconds / seconds if seconds > 0 else 0.0)
-    if params.temperature == 0:
-        report["matches_plain"] = [r.get("token_ids") for r in results] == [r.get("token_ids") for r in baseline]
-    return report
