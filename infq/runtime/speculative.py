@@ -298,7 +298,7 @@ class Speculator:
         self.pending: dict[Any, _Pending] = {}
         self.per_request: dict[Any, list[int]] = {}  # request id -> [drafted, accepted]
         self.cost = _CostModel()
-        self._proposed_at = 0.0
+        self._proposed_at: float | None = None  # when this step's drafts were ready (times the target's pass)
 
     def _k(self, req: Request) -> int:
         room = req.max_tokens - req.num_outputs - 1  # the step always adds one token of its own
@@ -311,6 +311,7 @@ class Speculator:
 
     def propose(self, engine: Any) -> None:
         self._drop_pending(engine)
+        self._proposed_at = None
         reqs = [r for r in engine.scheduler.running if r.num_computed == r.num_tokens - 1 and not r.padding]
         if not reqs:
             return
@@ -330,7 +331,9 @@ class Speculator:
 
     def verify(self, engine: Any, logits: Tensor, reqs: list[Request]) -> dict[Any, list[int]]:
         """logits (sum of k_r + 1, V): each request's rows for its last token and its k_r drafts."""
-        self.cost.target(time.perf_counter() - self._proposed_at, len(logits))
+        if self._proposed_at is not None:
+            self.cost.target(time.perf_counter() - self._proposed_at, len(logits))
+            self._proposed_at = None
         out, start = {}, 0
         for req in reqs:
             draft = req.spec_token_ids

@@ -412,3 +412,44 @@ def test_incremental_ngram_index_equals_the_scan():
             req = speculative.Request(0, tokens[:1], 200, token_ids=tokens[:end])
             got = proposer.propose([req], [4], [(SamplingParams(), None)])[0].tokens
             assert got == lookup(tokens[:end], 4, 3, 1 + trial % 2), (trial, end)
+
+
+class _SlowDraft(DraftModelProposer):
+    """The target as its own draft, made 30 ms slower per proposal than it is."""
+
+    def propose(self, reqs, ks, sampling):
+        import time
+
+        time.sleep(0.03)
+        return super().propose(reqs, ks, sampling)
+
+
+class _Oracle(NgramProposer):
+    """Proposes the target's own greedy continuation (known in advance) at no cost."""
+
+    name = "oracle"
+
+    def __init__(self, prompt: list[int], answer: list[int]) -> None:
+        super().__init__()
+        self.full = prompt + answer
+
+    def propose(self, reqs, ks, sampling):
+        return [speculative.Proposal(self.full[r.num_tokens:r.num_tokens + k]) for r, k in zip(reqs, ks, strict=True)]
+
+
+def test_auto_k_follows_the_measured_costs(models):
+    """num_draft auto: a free, always-right draft drafts long (K = 8 bar the room left); a draft far
+    costlier than a target step drafts one token after the first step's measurements."""
+    target = load_model(str(models["target"]), tokenizer=False).model
+    config = EngineConfig(kv_memory=2**20)
+    answer = Engine(target, config).generate([PROMPTS[1]], max_tokens=40, ignore_eos=True)[0].token_ids
+    cheap = Engine(target, config, speculator=Speculator(_Oracle(PROMPTS[1], answer), None))
+    assert cheap.generate([PROMPTS[1]], max_tokens=40, ignore_eos=True)[0].token_ids == answer
+    rep = cheap.speculator.report()
+    assert rep["acceptance_rate"] == 1.0 and rep["mean_num_draft"] > 6
+    slow = Engine(target, config)
+    slow.speculator = Speculator(_SlowDraft(target, slow.pool.num_blocks, 16), None)
+    slow.generate([PROMPTS[0]], max_tokens=16, ignore_eos=True)
+    rep = slow.speculator.report()
+    assert rep["acceptance_rate"] == 1.0
+    assert rep["drafted_tokens"] - 8 <= rep["target_steps"] - 1  # K = 8 before any timing, then K = 1
