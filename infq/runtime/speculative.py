@@ -220,7 +220,7 @@ class DraftModelProposer:
                 if params.temperature == 0:
                     token = int(logits[row].argmax())
                 else:
-                    q = probs(logits[row:row + 1], params)[0]  # (V,)
+                    q = probs(logits[row:row + 1].float().cpu(), params)[0]  # (V,) on the generators' device
                     token = int(torch.multinomial(q, 1, generator=generator))
                     qs[i].append(q)
                 out[i].tokens.append(token)
@@ -347,7 +347,8 @@ class Speculator:
                 q = None if pend is None or pend.q is None else pend.q[:len(draft)]
                 if q is None and draft and not isinstance(self.proposer, NgramProposer):
                     raise AssertionError("a sampled model draft without its distribution")
-                tokens = verify_sampled(probs(rows, track.params), draft, q, TorchRng(track.generator))
+                p = probs(rows.float().cpu(), track.params)  # (k+1, V); the engine's generators live on the CPU
+                tokens = verify_sampled(p, draft, q, TorchRng(track.generator))
             if pend is not None:
                 self._count(req.request_id, len(draft), len(tokens) - 1)
                 self.proposer.rollback(req.request_id, pend.base + len(tokens) - 1)

@@ -156,7 +156,8 @@ PROMPTS = [[1, 40, 41, 42, 43, 40, 41, 42, 43, 40, 41], [1, 100, 7, 9], [1, 5, 6
 def _speculator(kind, models, target, num_blocks, block_size, k):
     if kind == "ngram":
         return Speculator(NgramProposer(), k)
-    draft = target if kind == "self" else load_model(str(models[kind]), tokenizer=False).model
+    draft = target if kind == "self" else load_model(str(models[kind]), tokenizer=False, device=str(target.device),
+                                                      dtype="float32").model
     return Speculator(DraftModelProposer(draft, num_blocks, block_size), k)
 
 
@@ -453,3 +454,18 @@ def test_auto_k_follows_the_measured_costs(models):
     rep = slow.speculator.report()
     assert rep["acceptance_rate"] == 1.0
     assert rep["drafted_tokens"] - 8 <= rep["target_steps"] - 1  # K = 8 before any timing, then K = 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_greedy_equals_target_and_sampling_runs(models):
+    """fp32 on the GPU (exact greedy equality holds in fp32); sampled drafts and verification use the
+    requests' CPU generators."""
+    target = load_model(str(models["target"]), device="cuda", dtype="float32", tokenizer=False).model
+    config = EngineConfig(kv_memory=2**20)
+    plain = _generate(Engine(target, config), PROMPTS, 16)
+    engine = Engine(target, config)
+    engine.speculator = _speculator("other", models, target, engine.pool.num_blocks, 16, 3)
+    assert _generate(engine, PROMPTS, 16, check=True) == plain
+    sampled = _generate(engine, PROMPTS, 16, SamplingParams(temperature=1.0, top_p=0.9, seed=1))
+    assert all(len(s) == 16 for s in sampled)
+    assert engine.pool.num_free == engine.pool.num_blocks
