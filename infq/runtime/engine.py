@@ -172,8 +172,9 @@ class Engine:
                 del self.tracks[out.request_id]
         return outputs
 
-    def _run(self, sched: SchedulerOutput, reqs: list[Request]) -> dict[Any, int]:
-        """Run the model over the scheduled tokens; the sampled token of each request at its end."""
+    def _run(self, sched: SchedulerOutput, reqs: list[Request]) -> dict[Any, int] | dict[Any, list[int]]:
+        """Run the model over the scheduled tokens; the sampled token of each request at its end
+        (with a speculator: the accepted drafts and one sampled token, as a list)."""
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
