@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tinymodels import make_tiny_model
 from typer.testing import CliRunner
 
@@ -469,3 +471,40 @@ def test_on_cuda_greedy_equals_target_and_sampling_runs(models):
     sampled = _generate(engine, PROMPTS, 16, SamplingParams(temperature=1.0, top_p=0.9, seed=1))
     assert all(len(s) == 16 for s in sampled)
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+@given(st.data())
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_workloads_keep_greedy_outputs_and_leak_nothing(models, data):
+    """Random prompts, output lengths, block sizes, pool sizes, step budgets, K and proposers: the
+    outputs are the target's, every step leaves the pools consistent, and everything is freed."""
+    target = _load_cached(str(models["target"]))
+    draft = _load_cached(str(models["other"]))
+    prompts = data.draw(st.lists(st.lists(st.integers(3, 319), min_size=1, max_size=12), min_size=1, max_size=5))
+    prompts = [[1] + p + p[: len(p) // 2] for p in prompts]  # repeats, so lookups find matches
+    max_tokens = data.draw(st.integers(1, 10))
+    block_size = data.draw(st.sampled_from([2, 4]))
+    need = max(len(p) for p in prompts) + max_tokens
+    num_blocks = data.draw(st.integers(-(-need // block_size) + 1, 40))
+    config = EngineConfig(block_size=block_size, kv_memory=num_blocks * 2 * 2 * block_size * 2 * 16 * 4,
+                          max_num_batched_tokens=data.draw(st.integers(4, 24)))
+    plain = _generate(Engine(target, EngineConfig(kv_memory=2**20)), prompts, max_tokens)
+    engine = Engine(target, config)
+    assert engine.pool.num_blocks == num_blocks
+    k = data.draw(st.sampled_from([1, 2, 5, None]))
+    proposer = data.draw(st.sampled_from(["ngram", "model"]))
+    engine.speculator = Speculator(NgramProposer() if proposer == "ngram" else
+                                   DraftModelProposer(draft, data.draw(st.integers(2, 40)), block_size), k)
+    assert _generate(engine, prompts, max_tokens, check=True) == plain
+    assert engine.pool.num_free == engine.pool.num_blocks
+    if proposer == "model":
+        assert engine.speculator.proposer.pool.num_free == engine.speculator.proposer.pool.num_blocks
+
+
+_LOADED: dict[str, object] = {}
+
+
+def _load_cached(path: str):
+    if path not in _LOADED:
+        _LOADED[path] = load_model(path, tokenizer=False).model
+    return _LOADED[path]
