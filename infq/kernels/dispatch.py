@@ -5,7 +5,7 @@ kernel that will run it and returns a `Kernel` (`kernel(x, bias) -> y`, plus its
 resident `nbytes`). The choices:
 
 CPU, bfloat16 activations (PyTorch's own kernels; their float32/float16 activation paths are scalar
-loops 7-35x slower than their bfloat16 ones on AVX-512 machines, so they are not used):
+loops 14-35x slower than their bfloat16 ones on AVX-512 machines, so they are not used):
   * "int8pack" - `aten._weight_int8pack_mm`: per-channel 8-bit whose codes minus zero points fit
     int8 (every symmetric 8-bit tensor): `y = x @ (c * s)ᵀ`, one bfloat16 scale per row.
   * "int4pack" - `aten._weight_int4pack_mm_for_cpu`: every other group-affine weight of 1..8 bits
