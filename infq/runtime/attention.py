@@ -79,12 +79,12 @@ def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], b
 
 def _gather(cache: Tensor, scale: Tensor | None, tables: Tensor, dtype: torch.dtype) -> Tensor:
     """(R, nb) block ids (>= 0) -> (R, nb * block_size, Hkv, D) in `dtype`, dequantized."""
-    x = cache[tables]  # (R, nb, bs, Hkv, D)
-    r, nb, bs = x.shape[:3]
-    x = x.reshape(r, nb * bs, *x.shape[3:])
+    r, nb = tables.shape
+    flat = tables.reshape(-1)  # index_select on dim 0 copies whole blocks: about 2x cache[tables] on a CPU
+    x = cache.index_select(0, flat).view(r, nb * cache.shape[1], *cache.shape[2:])  # (R, L, Hkv, D)
     if scale is None:
         return x.to(dtype)
-    s = scale[tables].reshape(r, nb * bs, -1, 1)  # (R, L, Hkv, 1)
+    s = scale.index_select(0, flat).view(r, nb * cache.shape[1], -1, 1)  # (R, L, Hkv, 1)
     return (x.float() * s).to(dtype)
 
 
@@ -226,6 +226,8 @@ class PagedLayer:
         """q (N, H, D), k/v (N, Hkv, D) of the step's new tokens -> attention output (N, H, D)."""
         batch, kv, layer = self.batch, self.kv, self.layer
         self.backend.write(kv, layer, k, v, batch)
+        if not batch.prefill_rows:  # every token is a decode token, in request order
+            return self.backend.decode(kv, layer, q, batch, window)
         out = torch.empty_like(q)
         if batch.decode_rows.numel():
             out[batch.decode_tokens] = self.backend.decode(kv, layer, q[batch.decode_tokens], batch, window)
