@@ -80,10 +80,10 @@ def _code_steps(isc: torch.Tensor, x: torch.Tensor, lo: int, hi: int
     C = isc.shape[-1]
 
     def code(c: torch.Tensor) -> torch.Tensor:  # c (M, n) long -> the codes under candidate c
-        return rint(isc.gather(-1, c) * x).clamp(lo, hi)
+        return torch.round(isc.gather(-1, c) * x).clamp(lo, hi)  # finite: no NaN to map
 
-    L0 = rint(isc[:, :1] * x).clamp(lo, hi)  # (M, n)
-    delta = rint(isc[:, -1:] * x).clamp(lo, hi) - L0
+    L0 = torch.round(isc[:, :1] * x).clamp(lo, hi)  # (M, n)
+    delta = torch.round(isc[:, -1:] * x).clamp(lo, hi) - L0
     sgn = torch.sign(delta)
     a, d = isc[:, :1], (isc[:, -1:] - isc[:, :1]) / (C - 1)  # isc[c] ~ a + d*c
     steps = []
@@ -221,25 +221,38 @@ def make_qkx(x: torch.Tensor, nmax: int, w: torch.Tensor, rmin: float, rdelta: f
     return scale, -mins, L
 
 
-def _qkx_squared(x, xm, w, isc, flat, scale, mins, L, nmax):
-    """make_qkx's search on the weighted squared error -> (better, scale, min, candidate) per row."""
+def _qkx_lsq(x: torch.Tensor, xm: torch.Tensor, w: torch.Tensor, isc: torch.Tensor, flat: torch.Tensor,
+             nmax: int) -> tuple:
+    """Every candidate's 2x2 weighted least-squares (scale, min) in float64, from `_candidate_sums`.
+
+    -> ts, tm (..., C) float32, valid (..., C) (a usable grid and D > 0), and the float64 sums
+    (sum_l, sum_l2, sum_xl (..., C); sum_w, sum_x (..., 1)) for scoring.
+    """
     lead, n, C = x.shape[:-1], x.shape[-1], isc.shape[-1]
     ok = ~flat & torch.isfinite(isc).all(-1)  # rows with a usable grid (not flat, no 1/subnormal)
     grid = torch.where(ok[..., None], isc, 1.0 + torch.arange(C, device=x.device))
     sums = _candidate_sums(grid.reshape(-1, C), xm.reshape(-1, n), x.reshape(-1, n), w.reshape(-1, n), 0, nmax)
     sum_l, sum_l2, sum_xl = sums.reshape(*lead, 3, C).unbind(-2)  # (..., C) float64
-    w64, x64 = w.double(), x.double()
-    sum_w, sum_x = w64.sum(-1, keepdim=True), (w64 * x64).sum(-1, keepdim=True)
-    sum_x2 = (w64 * x64 * x64).sum(-1, keepdim=True)
+    w64 = w.double()
+    sum_w, sum_x = w64.sum(-1, keepdim=True), (w64 * x.double()).sum(-1, keepdim=True)
     D = sum_w * sum_l2 - sum_l * sum_l
     ts = (sum_w * sum_xl - sum_x * sum_l) / D
     tm = (sum_l2 * sum_x - sum_l * sum_xl) / D
     pos = tm > 0
     tm = torch.where(pos, 0.0, tm).to(torch.float32)
     ts = torch.where(pos, sum_xl / sum_l2, ts).to(torch.float32)
+    return ts, tm, (D > 0) & ok[..., None], (sum_l, sum_l2, sum_xl, sum_w, sum_x)
+
+
+def _qkx_squared(x, xm, w, isc, flat, scale, mins, L, nmax):
+    """make_qkx's search on the weighted squared error -> (better, scale, min, candidate) per row.
+    Each candidate's error is the closed form of its sums, in float64 (no cancellation trouble)."""
+    ts, tm, valid, (sum_l, sum_l2, sum_xl, sum_w, sum_x) = _qkx_lsq(x, xm, w, isc, flat, nmax)
+    w64, x64 = w.double(), x.double()
+    sum_x2 = (w64 * x64 * x64).sum(-1, keepdim=True)
     s, m = ts.double(), tm.double()  # the error of the float32 pair actually kept
     cur = (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w - 2 * m * sum_x + sum_x2)
-    cur = torch.where((D > 0) & ok[..., None], cur, torch.inf)
+    cur = torch.where(valid, cur, torch.inf)
     diff = scale.double()[..., None] * L.double() + mins.double()[..., None] - x64
     best = (w64 * diff * diff).sum(-1)  # the plain min/max fit's error
     low, pick = cur.min(-1)  # first minimum
@@ -248,32 +261,22 @@ def _qkx_squared(x, xm, w, isc, flat, scale, mins, L, nmax):
 
 
 def _qkx_mad(x, xm, w, isc, flat, scale, mins, L, nmax):
-    """make_qkx's search on the weighted absolute error, every candidate evaluated directly."""
-    sum_w = w.sum(-1)
-    sum_x = (w * x).sum(-1)
+    """make_qkx's search on the weighted absolute error: the fits from `_qkx_lsq`, each candidate's
+    error evaluated directly on its codes (..., C, n); upstream's strict "better" rule in order."""
+    ts, tm, valid, _ = _qkx_lsq(x, xm, w, isc, flat, nmax)
+    isc = torch.where(torch.isfinite(isc), isc, 0.0)  # rows without a usable grid are never picked
 
-    def err(scale: torch.Tensor, mins: torch.Tensor, L: torch.Tensor, xx: torch.Tensor,
-            ww: torch.Tensor) -> torch.Tensor:
+    def err(scale: torch.Tensor, mins: torch.Tensor, L: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
         diff = scale[..., None] * L + mins[..., None] - xx  # (scale*L + min) - x, as upstream
-        return (ww * diff.abs()).sum(-1)
+        return (w[..., None, :] * diff.abs()).sum(-1) if xx.dim() > w.dim() else (w * diff.abs()).sum(-1)
 
-    best = err(scale, mins, L, x, w)
-    La = rint(isc[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n)
-    wl = w[..., None, :] * La
-    sum_l = wl.sum(-1)
-    sum_l2 = (wl * La).sum(-1)
-    sum_xl = (wl * x[..., None, :]).sum(-1)
-    D = sum_w[..., None] * sum_l2 - sum_l * sum_l
-    ts = (sum_w[..., None] * sum_xl - sum_x[..., None] * sum_l) / D
-    tm = (sum_l2 * sum_x[..., None] - sum_l * sum_xl) / D
-    pos = tm > 0
-    tm = torch.where(pos, 0.0, tm)
-    ts = torch.where(pos, sum_xl / sum_l2, ts)
-    cur = err(ts, tm, La, x[..., None, :], w[..., None, :])  # (..., C)
+    best = err(scale, mins, L, x)
+    La = torch.round(isc[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n), finite
+    cur = err(ts, tm, La, x[..., None, :])  # (..., C)
     pick = torch.zeros_like(mins, dtype=torch.long)
     better = torch.zeros_like(flat)
     for c in range(isc.shape[-1]):  # strict "better than the best so far", as upstream
-        b = (D[..., c] > 0) & (cur[..., c] < best)
+        b = valid[..., c] & (cur[..., c] < best)
         pick = torch.where(b, c, pick)
         best = torch.where(b, cur[..., c], best)
         better = better | b
@@ -710,16 +713,17 @@ def _encode_guarded(t: BlockType, x: torch.Tensor, qw: torch.Tensor | None, sear
     """The fitted encoding of x (R, NB, block), except per block where plain RTN decodes with a lower
     (imatrix-weighted) squared error. llama.cpp's fit can lose to RTN when one outlier sub-block
     sets the shared 6/4-bit min scale (e.g. Q4_K, a 1e4 entry among N(0,1)); this keeps the
-    encoder never worse than the baseline. Costs one more RTN encode and two decodes."""
+    encoder never worse than the baseline. Costs one more RTN encode and two decodes; the errors
+    are float32 sums (a block whose two errors agree to float32 precision may keep either)."""
     fitted = t.encode(x, qw, search)
     if not search:
         return fitted
     plain = t.encode(x, None, False)
-    w = qw if qw is not None else torch.ones_like(x[0])
 
     def err(b: torch.Tensor) -> torch.Tensor:
-        d = t.decode(b).to(torch.float64) - x
-        return (w * d * d).sum(-1)  # (R, NB)
+        d = t.decode(b) - x
+        d = d * d
+        return (d if qw is None else qw * d).sum(-1)  # (R, NB)
 
     return torch.where((err(plain) < err(fitted))[..., None], plain, fitted)
 
