@@ -3,10 +3,11 @@
 For every mix (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K) the demo model's tensors are planned
 with `kquant_mix.plan_mix` (the per-tensor types the pipeline would write) and encoded in process
 with `kquants.quantize`, without and with an importance matrix (a synthetic one: exp(2 N(0,1)) per
-input channel; the encode cost does not depend on where it came from); the time is the encode of
-every tensor (the mix's types, F32/F16 tensors cost nothing), best of `--repeats`. In the same run
-llama-quantize converts the demo model's f16 GGUF (made with llama.cpp's convert script if missing)
-to the same mix, wall time best of `--repeats` (its own "quantize time" line is kept too). Both run
+input channel of every matmul weight, written in llama.cpp's format so llama-quantize gets the same
+one; the encode cost does not depend on where it came from); the time is the encode of every
+tensor (F32/F16 tensors cost nothing), best of `--repeats`. In the same run llama-quantize
+converts the demo model's f16 GGUF (made with llama.cpp's convert script if missing) to the same
+mix, with and without that imatrix, wall time best of `--repeats` (its "quantize time" line kept). Both run
 with the same thread count (`--threads`, default 1 and 2: the machine is shared, so one thread is
 the steadier comparison). The ratio infq / llama-quantize is what issue 6 bounds (target <= 5).
 Also timed once per mix: the whole `infq quantize --method kquant --no-imatrix` command (fresh
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -49,19 +51,30 @@ def demo_tensors() -> tuple[dict[str, torch.Tensor], Any]:
     return tensors, ModelShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, has_output=cfg.arch.lm_head in ckpt)
 
 
-def infq_encode(tensors: dict[str, torch.Tensor], model: Any, mix: str, imatrix: bool, repeats: int) -> dict[str, Any]:
+def synthetic_imatrix(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """exp(2 N(0,1)) per input channel of every matmul weight (not token_embd, as llama-imatrix),
+    written in llama.cpp's imatrix format for llama-quantize; -> the same means for infq."""
+    from infq.formats.imatrix import Imatrix, write_imatrix
+
+    g = torch.Generator().manual_seed(0)
+    means = {n: torch.exp(2 * torch.randn(t.shape[1], generator=g)) for n, t in tensors.items()
+             if t.dim() == 2 and n != "token_embd.weight"}
+    write_imatrix(path, Imatrix.from_means(means, dict.fromkeys(means, 512), ["synthetic"], 1, 512))
+    return means
+
+
+def infq_encode(tensors: dict[str, torch.Tensor], model: Any, mix: str, means: dict[str, torch.Tensor] | None,
+                repeats: int) -> dict[str, Any]:
     """Best-of wall time of encoding every tensor to its planned type (+ per-type split)."""
     from infq.quantizers import kquant_mix, kquants
 
-    plan = kquant_mix.plan_mix(mix, {n: tuple(t.shape) for n, t in tensors.items()}, model, imatrix)
+    plan = kquant_mix.plan_mix(mix, {n: tuple(t.shape) for n, t in tensors.items()}, model, means is not None)
     types = plan.types()
-    g = torch.Generator().manual_seed(0)
-    qws = {n: torch.exp(2 * torch.randn(t.shape[1], generator=g)) if imatrix and t.dim() == 2 else None
-           for n, t in tensors.items()}
-    best, split = float("inf"), {}
+    qws = {n: (means or {}).get(n) for n in tensors}
+    best, best_cpu, split = float("inf"), float("inf"), {}
     for _ in range(repeats):
         per_type: dict[str, float] = {}
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for n, t in tensors.items():
             qtype = types[n]
             if qtype in dict(kquant_mix.FLOAT_TYPES):
@@ -70,9 +83,10 @@ def infq_encode(tensors: dict[str, torch.Tensor], model: Any, mix: str, imatrix:
             kquants.quantize(t, qtype, qws[n])
             per_type[qtype] = per_type.get(qtype, 0.0) + time.perf_counter() - t0
         total = time.perf_counter() - start
+        best_cpu = min(best_cpu, time.process_time() - cpu)
         if total < best:
             best, split = total, per_type
-    return {"seconds": round(best, 4), "per_type_s": {k: round(v, 4) for k, v in sorted(split.items())},
+    return {"seconds": round(best, 4), "cpu_seconds": round(best_cpu, 4), "per_type_s": {k: round(v, 4) for k, v in sorted(split.items())},
             "weights": sum(t.numel() for n, t in tensors.items() if types[n] not in dict(kquant_mix.FLOAT_TYPES))}
 
 
@@ -84,17 +98,25 @@ def f16_gguf(path: Path) -> Path:
     return path
 
 
-def llama_quantize(f16: Path, mix: str, threads: int, repeats: int, work: Path) -> dict[str, Any]:
-    best, reported = float("inf"), None
+def llama_quantize(f16: Path, mix: str, threads: int, repeats: int, work: Path, imatrix: Path | None
+                   ) -> dict[str, Any]:
+    best, best_cpu, reported = float("inf"), float("inf"), None
     for _ in range(repeats):
-        start = time.perf_counter()
-        p = subprocess.run([str(LLAMACPP / "build" / "bin" / "llama-quantize"), str(f16), str(work / f"lc-{mix}.gguf"),
+        start, cpu = time.perf_counter(), _children_cpu()
+        p = subprocess.run([str(LLAMACPP / "build" / "bin" / "llama-quantize"),
+                            *(["--imatrix", str(imatrix)] if imatrix else []), str(f16), str(work / f"lc-{mix}.gguf"),
                             mix, str(threads)], capture_output=True, text=True, check=True)
         wall = time.perf_counter() - start
+        best_cpu = min(best_cpu, _children_cpu() - cpu)
         m = re.search(r"quantize time =\s*([0-9.]+) ms", p.stdout + p.stderr)
         if wall < best:
             best, reported = wall, float(m.group(1)) / 1000 if m else None
-    return {"wall_s": round(best, 4), "quantize_time_s": reported}
+    return {"wall_s": round(best, 4), "cpu_s": round(best_cpu, 4), "quantize_time_s": reported}
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def infq_cli(mix: str, threads: int, work: Path) -> dict[str, Any]:
@@ -125,22 +147,29 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        means = synthetic_imatrix(tensors, work / "imatrix.dat")
         for threads in args.threads:
             torch.set_num_threads(threads)
             for mix in args.mixes:
-                lc = llama_quantize(f16, mix, threads, args.repeats, work)
-                row: dict[str, Any] = {"mix": mix, "threads": threads, "llama_quantize": lc}
+                row: dict[str, Any] = {"mix": mix, "threads": threads}
                 for imatrix in (False, True):
-                    enc = infq_encode(tensors, model, mix, imatrix, args.repeats)
+                    key = "imatrix" if imatrix else "plain"
+                    lc = row[f"llama_quantize_{key}"] = llama_quantize(f16, mix, threads, args.repeats, work,
+                                                                       work / "imatrix.dat" if imatrix else None)
+                    enc = infq_encode(tensors, model, mix, means if imatrix else None, args.repeats)
                     key = "infq_imatrix" if imatrix else "infq"
                     row[key] = {**enc, "ratio_vs_llama_quantize": round(enc["seconds"] / lc["wall_s"], 2),
+                                "cpu_ratio_vs_llama_quantize": round(enc["cpu_seconds"] / lc["cpu_s"], 2),
                                 "mweights_per_s": round(enc["weights"] / enc["seconds"] / 1e6, 2)}
                 if not args.no_cli:
                     row["infq_cli_no_imatrix"] = infq_cli(mix, threads, work)
                 rows.append(row)
-                print(f"threads={threads} {mix}: llama-quantize {lc['wall_s']:.2f} s, infq {row['infq']['seconds']:.2f} s "
-                      f"(x{row['infq']['ratio_vs_llama_quantize']}), with imatrix {row['infq_imatrix']['seconds']:.2f} s "
-                      f"(x{row['infq_imatrix']['ratio_vs_llama_quantize']})"
+                a, b = row["infq"], row["infq_imatrix"]
+                la, lb = row["llama_quantize_plain"], row["llama_quantize_imatrix"]
+                print(f"threads={threads} {mix}: llama-quantize {la['wall_s']:.2f} s (cpu {la['cpu_s']:.2f}), infq "
+                      f"{a['seconds']:.2f} s (x{a['ratio_vs_llama_quantize']}, cpu x{a['cpu_ratio_vs_llama_quantize']}); "
+                      f"with imatrix {lb['wall_s']:.2f} s (cpu {lb['cpu_s']:.2f}) vs {b['seconds']:.2f} s "
+                      f"(x{b['ratio_vs_llama_quantize']}, cpu x{b['cpu_ratio_vs_llama_quantize']})"
                       + (f", infq quantize wall {row['infq_cli_no_imatrix']['wall_s']:.1f} s" if not args.no_cli else ""),
                       flush=True)
     import subprocess as sp
@@ -148,7 +177,9 @@ def main() -> None:
     commit = sp.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     path = write("kquant_encode.json", {"commit": commit, "model": "infq/assets/demo", "llama_quantize_input": str(f16),
                                         "note": "llama-quantize wall time includes reading and writing its files; "
-                                                "infq times are the encode only (in process), infq_cli the whole command",
+                                                "infq times are the encode only (in process), infq_cli the whole command; "
+                                                "cpu: process CPU seconds (steadier than wall on a shared machine; "
+                                                "with 2 threads CPU time adds both threads)",
                                         "rows": rows})
     print(f"wrote {path}")
 
