@@ -24,12 +24,12 @@ def _cfg():
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("window", [None, 5])
-def test_step_matches_reference(storage, window):
+# (cached tokens, new tokens): decode, decode, whole prefill, chunk over a prefix; or decode only
+@pytest.mark.parametrize("shapes", [[(9, 1), (3, 1), (0, 7), (6, 5)], [(9, 1), (3, 1), (17, 1)]])
+def test_step_matches_reference(storage, window, shapes):
     g = torch.Generator().manual_seed(0)
     kv = KVCache(_cfg(), 24, BS, storage, torch.device("cpu"))
     perm = torch.randperm(24, generator=g).tolist()
-    # (cached tokens, new tokens): decode, decode, whole prefill, chunk over a prefix
-    shapes = [(9, 1), (3, 1), (0, 7), (6, 5)]
     tables = [perm[i * 6:(i + 1) * 6][: -(-(c + n) // BS)] for i, (c, n) in enumerate(shapes)]
     full_k = [torch.randn(c + n, HKV, D, generator=g) for c, n in shapes]
     full_v = [torch.randn(c + n, HKV, D, generator=g) for c, n in shapes]
