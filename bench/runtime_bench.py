@@ -18,6 +18,10 @@ from pathlib import Path
 
 from common import RESULTS, infq, write
 
+# The workload: prompts and outputs spanning the demo model's 512-token context (the CLI's own default,
+# 16:128 / 8:192, is the short workload, run again as cpu_fp32_short_workload).
+WORKLOAD = ["--prompt-lens", "32:256", "--output-lens", "16:256"]
+SHORT = ["--prompt-lens", "16:128", "--output-lens", "8:192"]
 QUICK = ["--batch-sizes", "1,4", "--gen-len", "8", "--requests", "8", "--output-lens", "4:32", "--prompt-lens",
          "8:32", "--system-len", "64"]
 
@@ -26,12 +30,15 @@ def settings(gptq_dir: Path) -> dict[str, list[str]]:
     import torch
 
     out = {
-        "cpu_fp32": ["demo", "--device", "cpu", "--dtype", "float32"],
-        "cpu_fp32_kv_int8": ["demo", "--device", "cpu", "--dtype", "float32", "--kv-dtype", "int8", "--no-hf"],
-        "cpu_gptq_w4": [str(gptq_dir), "--device", "cpu", "--dtype", "float32"],
+        "cpu_fp32": ["demo", "--device", "cpu", "--dtype", "float32", *WORKLOAD],
+        "cpu_fp32_short_workload": ["demo", "--device", "cpu", "--dtype", "float32", *SHORT, "--batch-sizes", "1",
+                                    "--no-hf", "--no-prefix"],
+        "cpu_fp32_kv_int8": ["demo", "--device", "cpu", "--dtype", "float32", "--kv-dtype", "int8", "--no-hf",
+                             *WORKLOAD],
+        "cpu_gptq_w4": [str(gptq_dir), "--device", "cpu", "--dtype", "float32", *WORKLOAD],
     }
     if torch.cuda.is_available():
-        big = ["--batch-sizes", "1,2,4,8,16,32,64,128", "--requests", "256", "--rate", "200"]
+        big = ["--batch-sizes", "1,2,4,8,16,32,64,128", "--requests", "256", "--rate", "200", *WORKLOAD]
         out["cuda_bf16"] = ["demo", "--device", "cuda", "--dtype", "bfloat16", *big]
         out["cuda_fp16_kv_fp8"] = ["demo", "--device", "cuda", "--dtype", "float16", "--kv-dtype", "fp8", "--no-hf",
                                    *big]
@@ -48,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="run only these settings")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; results not written)")
+    ap.add_argument("--note", help="recorded in each JSON (e.g. that the machine was shared)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         gptq = Path(tmp) / "demo-gptq-w4g128"
@@ -65,7 +73,8 @@ def main() -> None:
                                                   "engine_decode_tokens_per_s_batch1", "continuous_over_static")}
             print(name, summary, flush=True)
             if not args.quick:
-                write(f"runtime_{name}.json", {"setting": name, "code": _commit(),
+                extra_info = {"note": args.note} if args.note else {}
+                write(f"runtime_{name}.json", {"setting": name, "code": _commit(), **extra_info,
                                                "command": ["infq", "bench", *cli, "--json"], "result": result})
 
 
