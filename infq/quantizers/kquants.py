@@ -390,6 +390,10 @@ class BlockType:
         """uint8 (..., nbytes) -> float32 (..., block)."""
         raise NotImplementedError
 
+    def chunk_elements(self, weighted: bool) -> int:
+        """Elements encoded per call on CPU: cache-sized temporaries against per-call Python loops."""
+        return _ROW_CHUNK_ELEMENTS
+
 
 class Q8_0(BlockType):
     name, ggml_type, block, nbytes = "Q8_0", 8, 32, 34
@@ -523,6 +527,9 @@ def _max_code(v: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Q3_K(BlockType):
     name, ggml_type, block, nbytes = "Q3_K", 11, 256, 110
+
+    def chunk_elements(self, weighted):
+        return _ROW_CHUNK_ELEMENTS if weighted else 1 << 19  # make_q3 loops over elements per call
 
     def encode(self, x, qw, search):
         xs = x.unflatten(-1, (16, 16))
@@ -686,7 +693,7 @@ def quantize(weight: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = No
                             f"channel), got {qw.numel()}; recompute it for this model")
         qw = qw.view(n // t.block, t.block)
     out = np.empty((rows, n // t.block * t.nbytes), dtype=np.uint8)
-    chunk = _ROW_CHUNK_ELEMENTS if x.device.type == "cpu" else _ROW_CHUNK_ELEMENTS * 16
+    chunk = t.chunk_elements(qw is not None and search) * (1 if x.device.type == "cpu" else 16)
     step = max(1, chunk // max(n, 1))
     for r0 in range(0, rows, step):  # row chunks bound memory; every block in a chunk is encoded at once
         xb = x[r0:r0 + step].view(-1, n // t.block, t.block)  # (R, NB, block)
