@@ -10,7 +10,8 @@ encoding where that decodes closer (see `_encode_guarded`). The output is the ex
 bytes (uint8, `(rows, n/block * type_size)`), written to a file as is; `dequantize` is the
 reference decoder, bit-identical to gguf-py's. `search=False` is a plain round-to-nearest encoder
 into the same layout (min/max scales, no search, imatrix ignored), kept as a baseline.
-Limits: rows must be a multiple of the block size (the mix logic chooses fallbacks); float32 math.
+Limits: rows must be a multiple of the block size (the mix logic chooses fallbacks); float32 math
+(float64 for the candidate searches' sums).
 """
 
 from __future__ import annotations
@@ -35,13 +36,23 @@ if TYPE_CHECKING:
 # inverse scales, weighted least squares), `make_q3` (symmetric with coordinate descent),
 # `make_qkx` (scale + min, a grid of candidates each refined by 2x2 weighted least squares; the
 # `qkx2`/`qkx3` variants differ only in their arguments) and `make_qp` (positive 6/4-bit sub-block
-# scales with weights, imatrix path). Candidates are evaluated all at once; the choice among them is
-# a short Python loop over candidates (not blocks) with llama.cpp's strict "better than the best so
-# far" rule, so ties resolve as upstream does. Sums run in float32 in torch's order, so results can
-# differ from llama.cpp in the last bit of a sum (and rarely in a code); the byte layout does not.
-# Non-finite intermediates (subnormal ranges overflow 1/range) are mapped to code 0. Selections on
-# whole (..., n) tensors are blends (a + (b - a) * mask) rather than torch.where, which runs ~10x
-# slower than arithmetic on CPU; every blended value is finite, so they are exact.
+# scales with weights, imatrix path).
+# The grids of make_qx/make_qkx are scored without materializing (sub-blocks, candidates, n) codes:
+# along a grid an element's code rint(isc_c * x) is monotone in c and moves by at most two steps
+# (the grid spans 1.5-2 code units), so every candidate's Σw·L, Σw·L², Σw·x·L is the sum under the
+# first candidate plus a cumsum over a histogram of the candidates where codes step (`_code_steps`,
+# `_candidate_sums`): O(n + C) per sub-block instead of O(n·C). The step positions are found by a
+# linear estimate corrected against the exact float32 rint, so the codes are exactly those of the
+# straightforward search (tests/quantizers/test_kquants.py keeps that search as the oracle). The
+# sums and the closed-form squared error of each candidate's (float32) scale and min are float64,
+# so the pick is the truly best candidate; the straightforward float32 search can mis-order two
+# candidates whose errors agree to ~1e-6, so picks differ from it (and from llama.cpp) there. The
+# first best wins, in upstream's candidate order. Q2_K's absolute-error criterion has no closed
+# form: its candidates' errors are evaluated directly (16 candidates of 16 elements).
+# Non-finite intermediates (subnormal ranges overflow 1/range) are mapped to code 0; rows whose
+# grid is not finite never take a candidate. Selections on whole (..., n) tensors are blends
+# (a + (b - a) * mask) rather than torch.where, which runs ~10x slower than arithmetic on CPU;
+# every blended value is finite, so they are exact.
 
 GROUP_MAX_EPS = 1e-15  # below this |max| a sub-block is treated as all zero (ggml's GROUP_MAX_EPS)
 
