@@ -417,13 +417,26 @@ def test_incremental_ngram_index_equals_the_scan():
             assert got == lookup(tokens[:end], 4, 3, 1 + trial % 2), (trial, end)
 
 
-class _SlowDraft(DraftModelProposer):
-    """The target as its own draft, made 30 ms slower per proposal than it is."""
+class _Clock:
+    """speculative's clock: real time plus whatever a slow draft says it spent, so the cost ratio a
+    test sees does not depend on how busy the machine is."""
 
-    def propose(self, reqs, ks, sampling):
+    def __init__(self) -> None:
         import time
 
-        time.sleep(0.03)
+        self.real, self.offset = time.perf_counter, 0.0
+
+    def perf_counter(self) -> float:
+        return self.real() + self.offset
+
+
+class _SlowDraft(DraftModelProposer):
+    """The target as its own draft, made 10 s slower per proposal on `clock` (no real sleep)."""
+
+    clock: _Clock
+
+    def propose(self, reqs, ks, sampling):
+        self.clock.offset += 10.0
         return super().propose(reqs, ks, sampling)
 
 
@@ -440,7 +453,7 @@ class _Oracle(NgramProposer):
         return [speculative.Proposal(self.full[r.num_tokens:r.num_tokens + k]) for r, k in zip(reqs, ks, strict=True)]
 
 
-def test_auto_k_follows_the_measured_costs(models):
+def test_auto_k_follows_the_measured_costs(models, monkeypatch):
     """num_draft auto: a free, always-right draft drafts long (K = 8 bar the room left); a draft far
     costlier than a target step drafts one token after the first step's measurements."""
     target = load_model(str(models["target"]), tokenizer=False).model
@@ -451,7 +464,11 @@ def test_auto_k_follows_the_measured_costs(models):
     rep = cheap.speculator.report()
     assert rep["acceptance_rate"] == 1.0 and rep["mean_num_draft"] > 6
     slow = Engine(target, config)
-    slow.speculator = Speculator(_SlowDraft(target, slow.pool.num_blocks, 16), None)
+    clock = _Clock()
+    monkeypatch.setattr(speculative, "time", clock)  # speculative only calls time.perf_counter
+    draft = _SlowDraft(target, slow.pool.num_blocks, 16)
+    draft.clock = clock
+    slow.speculator = Speculator(draft, None)
     slow.generate([PROMPTS[0]], max_tokens=16, ignore_eos=True)
     rep = slow.speculator.report()
     assert rep["acceptance_rate"] == 1.0
