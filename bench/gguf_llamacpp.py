@@ -176,14 +176,14 @@ def main() -> None:
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     payload: dict[str, Any] = {k: old.get(k) for k in ("llamacpp", "infq") if old.get(k)}
     ready = (root / "READY").read_text() if (root / "READY").is_file() else ""
-    payload["settings"] = {"chunks": args.chunks or "all", "ctx": 512, "threads": args.threads, "eval": args.eval,
+    settings = {"chunks": args.chunks or "all", "ctx": 512, "threads": args.threads, "eval": args.eval,
                            "types": args.types, "llamacpp_build": ready.strip().splitlines()[:3],
                            "command": " ".join(["python", "bench/gguf_llamacpp.py", *sys.argv[1:]])}
     if args.only in ("all", "llamacpp"):
-        payload["llamacpp"] = part_llamacpp(root, work, eval_texts, args)
+        payload["llamacpp"] = {"settings": settings, **part_llamacpp(root, work, eval_texts, args)}
         write("gguf_llamacpp.json", payload)
     if args.only in ("all", "infq"):
-        payload["infq"] = part_infq(root, work, eval_texts, args)
+        payload["infq"] = {"settings": settings, **part_infq(root, work, eval_texts, args)}
     print(write("gguf_llamacpp.json", payload))
 
 
