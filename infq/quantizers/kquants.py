@@ -281,13 +281,12 @@ def _qkx_mad(x, xm, w, isc, flat, scale, mins, L, nmax):
     ts, tm, valid, _ = _qkx_lsq(x, xm, w, isc, flat, nmax)
     isc = torch.where(torch.isfinite(isc), isc, 0.0)  # rows without a usable grid are never picked
 
-    def err(scale: torch.Tensor, mins: torch.Tensor, L: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        diff = scale[..., None] * L + mins[..., None] - xx  # (scale*L + min) - x, as upstream
-        return (w[..., None, :] * diff.abs()).sum(-1) if xx.dim() > w.dim() else (w * diff.abs()).sum(-1)
-
-    best = err(scale, mins, L, x)
-    La = torch.round(isc[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n), finite
-    cur = err(ts, tm, La, x[..., None, :])  # (..., C)
+    diff = scale[..., None] * L + mins[..., None] - x  # (scale*L + min) - x, as upstream
+    best = (w * diff.abs()).sum(-1)
+    La = (isc[..., None] * xm[..., None, :]).round_().clamp_(0, nmax)  # (..., C, n), finite
+    diff = La * ts[..., None]  # the same for every candidate, in place (no more (..., C, n) temporaries)
+    diff.add_(tm[..., None]).sub_(x[..., None, :]).abs_()
+    cur = (diff @ w[..., None]).squeeze(-1)  # (..., C): Σ w |diff| as a batched mat-vec
     pick = torch.zeros_like(mins, dtype=torch.long)
     better = torch.zeros_like(flat)
     for c in range(isc.shape[-1]):  # strict "better than the best so far", as upstream
