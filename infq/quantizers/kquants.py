@@ -93,25 +93,26 @@ def _code_steps(isc: torch.Tensor, x: torch.Tensor, lo: int, hi: int
     C = isc.shape[-1]
 
     def code(c: torch.Tensor) -> torch.Tensor:  # c (M, n) long -> the codes under candidate c
-        return torch.round(isc.gather(-1, c) * x).clamp(lo, hi)  # finite: no NaN to map
+        return isc.gather(-1, c).mul_(x).round_().clamp_(lo, hi)  # finite: no NaN to map
 
-    L0 = torch.round(isc[:, :1] * x).clamp(lo, hi)  # (M, n)
-    delta = torch.round(isc[:, -1:] * x).clamp(lo, hi) - L0
+    L0 = (isc[:, :1] * x).round_().clamp_(lo, hi)  # (M, n)
+    delta = (isc[:, -1:] * x).round_().clamp_(lo, hi).sub_(L0)
     sgn = torch.sign(delta)
+    mag = delta.abs()
     a, d = isc[:, :1], (isc[:, -1:] - isc[:, :1]) / (C - 1)  # isc[c] ~ a + d*c
     steps = []
-    for j in range(1, int(delta.abs().max()) + 1 if delta.numel() else 1):
-        active = delta.abs() >= j  # (M, n): crosses level j inside the grid, at some c in [1, C)
-        est = ((L0 + sgn * (j - 0.5)) / x - a) / d  # where isc[c] * x meets the half-way point
-        c = (torch.nan_to_num(est.ceil(), nan=1.0).clamp(1, C - 1) * active).long()  # inactive: 0
+    for j in range(1, int(mag.max()) + 1 if mag.numel() else 1):
+        active = mag >= j  # (M, n): crosses level j inside the grid, at some c in [1, C)
+        est = (sgn * (j - 0.5)).add_(L0).div_(x).sub_(a).div_(d)  # where isc[c] * x meets the half-way point
+        c = torch.nan_to_num(est.ceil_(), nan=1.0).clamp_(1, C - 1).mul_(active).long()  # inactive: 0
         while True:  # first candidate that reached level j: move up, then down, exactly
-            up = active & (sgn * (code(c) - L0) < j)
+            up = active & (code(c).sub_(L0).mul_(sgn) < j)
             if not bool(up.any()):
                 break
             c = c + up
         while True:
             prev = (c - 1).clamp(min=0)
-            down = active & (c > 1) & (sgn * (code(prev) - L0) >= j)
+            down = active & (c > 1) & (code(prev).sub_(L0).mul_(sgn) >= j)
             if not bool(down.any()):
                 break
             c = c - down.long()
