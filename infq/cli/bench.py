@@ -42,7 +42,7 @@ def bench(
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most (workload)."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (workload)."),
     chart: str = typer.Option("infq-bench.png", "--chart", help="PNG of tokens/s vs batch size ('' for none)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: fp32, or bf16 for integer-quantized weights; GPU: the checkpoint's half type), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     draft: str = typer.Option(None, "--draft", help="Instead: speculative vs plain decoding with this draft (a checkpoint sharing the tokenizer, or 'ngram')."),
     num_draft: str = typer.Option("4", "--num-draft", help="Draft tokens per step with --draft: K >= 1, or 'auto'."),
@@ -73,7 +73,7 @@ def bench(
             _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, draft_dtype or dtype, device,
                          json_out, console)
             return
-        loaded = load_model(model, dtype=dtype, device=device, tokenizer=False)
+        loaded = load_model(model, dtype=dtype, device=device, tokenizer=False, serving=True)
         result = run_bench(loaded, ecfg, cfg, device, progress=lambda m: console.print(f"[dim]{m}...[/]"))
         result["chart"] = draw(result, chart) if chart else None
         if json_out:
@@ -91,7 +91,7 @@ def _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, dr
 
     parse_num_draft(num_draft)
     sets = {"code": CODE_PROMPTS, **({"text": text_prompts(spec_prompts)} if spec_prompts else {})}
-    target = load_model(model, dtype=dtype, device=device)
+    target = load_model(model, dtype=dtype, device=device, serving=True)
     r = bench_draft(target, ecfg, draft, num_draft, sets, gen_len, dtype=draft_dtype, device=device,
                     progress=lambda row: console.print(f"[dim]{row['prompt_set']} {'batched' if row['batched'] else 'batch 1'} done...[/]"))
     if json_out:

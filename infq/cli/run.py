@@ -31,7 +31,7 @@ def run(
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (prefill chunk budget)."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn automatic prefix caching off."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: fp32, or bf16 for integer-quantized weights; GPU: the checkpoint's half type), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     draft: str = typer.Option(None, "--draft", help="Speculative decoding: a draft checkpoint sharing the tokenizer, or 'ngram' (prompt lookup)."),
     num_draft: str = typer.Option("4", "--num-draft", help="Draft tokens per step, K >= 1, or 'auto' (adapted per request to its acceptance rate)."),

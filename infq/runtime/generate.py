@@ -33,7 +33,7 @@ def open_engine(model: str, config: EngineConfig, dtype: str = "auto", device: s
     """(engine, LoadedModel) for a model path, hub id or 'demo'."""
     from infq.runtime.loader import load_model
 
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, serving=True)
     return Engine(loaded.model, config, eos_ids=eos_ids(loaded), tokenizer=loaded.tokenizer), loaded
 
 

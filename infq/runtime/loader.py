@@ -137,14 +137,16 @@ def _gguf_name(name: str) -> str:
     return gguf_name(name)
 
 
-def _load_gguf(path: Path, dtype: str, device: str, resident: bool, tokenizer: bool) -> LoadedModel:
+def _load_gguf(path: Path, dtype: str, device: str, resident: bool, tokenizer: bool, serving: bool) -> LoadedModel:
     from infq.formats.gguf_reader import GGUFFile
 
     gguf = GGUFFile(path)
     cfg = ModelConfig.from_hf(gguf.config)
     check_gguf(gguf, cfg)
     dev = torch.device(device)
-    net = DecoderModel(cfg, GGUFWeights(gguf), dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
+    blocks = any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in gguf.reader.tensors)
+    net = DecoderModel(cfg, GGUFWeights(gguf), dtype=resolve_dtype(dtype, dev, cfg, serving and blocks), device=dev,
+                       resident=resident)
     return LoadedModel(net, gguf.tokenizer() if tokenizer else None, cfg, path, "gguf")
 
 
@@ -160,11 +162,13 @@ class LoadedModel:
     format: str
 
 
-def resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
-    """`auto`: float32 on CPU (exact and fast there), the checkpoint's half type on a GPU."""
+def resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig, int_packed: bool = False) -> torch.dtype:
+    """`auto`: float32 on CPU (exact, and fast for dense weights), the checkpoint's half type on a
+    GPU. `int_packed` (serving integer-coded weights on a CPU): bfloat16, because PyTorch's packed
+    int4/int8 CPU kernels are 14-35x slower with float32 activations (kernels/dispatch.py)."""
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
+            return torch.bfloat16 if int_packed else torch.float32
         return DTYPES.get(cfg.torch_dtype, torch.float16) if cfg.torch_dtype != "float32" else torch.float16
     if dtype not in DTYPES:
         raise InfqError(f"--dtype {dtype} is not supported; use auto, {', '.join(DTYPES)}")
@@ -210,11 +214,14 @@ def load_model(
     device: str = "cpu",
     resident: bool = True,
     tokenizer: bool = True,
+    serving: bool = False,
 ) -> LoadedModel:
+    """`serving` (generation, not scoring): `auto` picks bfloat16 on a CPU for integer-coded
+    weights, which PyTorch's packed kernels run fast only in that dtype; eval keeps float32."""
     path = resolve_model(model)
     fmt = detect_format(path)
     if fmt == "gguf":
-        return _load_gguf(path, dtype, device, resident, tokenizer)
+        return _load_gguf(path, dtype, device, resident, tokenizer, serving)
     packed = {cls.FORMAT: cls for cls in SOURCES}
     if fmt != "hf" and fmt not in packed:
         raise InfqError(f"{path}: reading {fmt} checkpoints is not available in this version of infq")
@@ -224,6 +231,13 @@ def load_model(
     source = HFWeights(ckpt) if fmt == "hf" else packed[fmt](ckpt, hf_config["quantization_config"])
     check_checkpoint(ckpt, cfg, quantized=fmt != "hf")
     dev = torch.device(device)
-    net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg), device=dev, resident=resident)
+    int_packed = serving and (fmt in ("gptq", "awq") or (fmt == "compressed-tensors" and not _is_float_ct(hf_config)))
+    net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg, int_packed), device=dev, resident=resident)
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(net, tok, cfg, path, fmt)
+
+
+def _is_float_ct(hf_config: dict[str, Any]) -> bool:
+    """A compressed-tensors config whose weights are FP8 (float-quantized / naive-quantized)."""
+    fmt = str(hf_config.get("quantization_config", {}).get("format", ""))
+    return fmt in ("float-quantized", "naive-quantized")

@@ -461,6 +461,6 @@ def build_speculator(engine: Any, target: Any, draft: str, num_draft: str | int,
         return Speculator(NgramProposer(), k)
     from infq.runtime.loader import load_model
 
-    loaded = load_model(draft, dtype=dtype, device=device)
+    loaded = load_model(draft, dtype=dtype, device=device, serving=True)
     check_draft(target, loaded, draft)
     return Speculator(DraftModelProposer(loaded.model, engine.pool.num_blocks, engine.pool.block_size, draft), k)

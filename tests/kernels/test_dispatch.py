@@ -194,6 +194,18 @@ def test_checkpoints_load_into_quant_linears(tmp_path, kind: str) -> None:
     assert_within_baseline(got, ref32.double(), fast(ids))
 
 
+def test_serving_on_cpu_picks_bfloat16_for_integer_weights_only(tmp_path) -> None:
+    """`infq run`/`bench` (serving=True) with --dtype auto on a CPU: bfloat16 for integer-coded
+    weights, whose packed kernels are fast only there; eval (serving=False) and dense models stay
+    float32; an explicit --dtype wins."""
+    path = _write_gptq(tmp_path, act_order=False)
+    assert load_model(str(path), tokenizer=False, serving=True).model.dtype == BF16
+    assert load_model(str(path), tokenizer=False).model.dtype == torch.float32
+    assert load_model(str(path), dtype="float32", tokenizer=False, serving=True).model.dtype == torch.float32
+    dense = make_tiny_model(tmp_path / "dense", family="llama")
+    assert load_model(str(dense), tokenizer=False, serving=True).model.dtype == torch.float32
+
+
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
