@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,7 +36,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except InfqError as e:
-        stderr_console().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        stderr_console().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(InfqError.exit_code) from None
     except KeyboardInterrupt:
         stderr_console().print("[yellow]interrupted[/]")

@@ -139,3 +139,13 @@ def test_quantize_json_and_bad_inputs(tmp_path, tiny_model, text_file):
     assert not (tmp_path / "b").exists()
     r = invoke("eval", out, "--ppl", text_file, "--seqlen", 64, "--limit", 2, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["format"] == "gptq"
+
+
+def test_error_lines_keep_square_brackets():
+    """Errors are printed through rich: text like `infq[bench]` or a bad value in brackets must not
+    be eaten as markup."""
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["quantize", "--method", "kquant", "--type", "Q9_K[x]", "--out", "unused"])
+    assert r.exit_code == 2
+    assert "Q9_K[X]" in r.output
