@@ -168,6 +168,8 @@ def convert_gguf_to_hf(src_name: str, out_name: str, force: bool) -> dict[str, A
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from infq.formats.convert import _replace  # convert.py imports this module lazily: no cycle
+
     _replace(tmp, out)
     if quantized:
         warnings.insert(0, f"the GGUF holds {', '.join(quantized)} blocks: the fp16 weights are their exact decoding "
@@ -183,14 +185,3 @@ def _fp16_tensors(f: Any) -> Iterator[tuple[str, torch.Tensor]]:
         if not bool(torch.isfinite(w).all()) or float(w.abs().max()) > 65504.0:
             raise InfqError(f"{name} holds values float16 cannot represent; nothing was written")
         yield name, w.to(torch.float16)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing output is removed only after that."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{time.time_ns()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
