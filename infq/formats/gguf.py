@@ -171,19 +171,26 @@ def _encode(hf: str, t: torch.Tensor, qtype: str, imatrix: Mapping[str, torch.Te
     return data, gguf.GGMLQuantizationType[kquants.block_type(qtype).name]
 
 
-def write_gguf(path: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-               types: Mapping[str, str] | str = "F16", tokenizer: Mapping[str, Any] | None = None,
-               imatrix: Mapping[str, torch.Tensor] | None = None, file_type: int | None = None) -> None:
-    """Write a llama GGUF: tensors under HF names, `types` one GGML type name or one per HF name."""
+def _open_writer(path: Path, config: Mapping[str, Any], tokenizer: Mapping[str, Any] | None,
+                 file_type: int | None) -> tuple[Any, Path]:
+    """A GGUFWriter on `path.tmp` holding the llama metadata and the tokenizer, and that temp path."""
     import gguf
 
     _check_llama(config)
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(tmp, "llama")
     _add_metadata(w, config, file_type)
     if tokenizer is not None:
         _add_tokenizer(w, tokenizer)
+    return w, tmp
+
+
+def write_gguf(path: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+               types: Mapping[str, str] | str = "F16", tokenizer: Mapping[str, Any] | None = None,
+               imatrix: Mapping[str, torch.Tensor] | None = None, file_type: int | None = None) -> None:
+    """Write a llama GGUF: tensors under HF names, `types` one GGML type name or one per HF name."""
+    path = Path(path)
+    w, tmp = _open_writer(path, config, tokenizer, file_type)
     for hf, t in tensors.items():
         name = gguf_name(hf)
         t = torch.as_tensor(t).detach().cpu()
@@ -252,15 +259,8 @@ def write_gguf_stream(path: str | os.PathLike[str], config: Mapping[str, Any],
     header, then `produce(hf_name)` returns each tensor in turn (a float tensor for F32/F16, a
     "gguf:<type>" QuantizedTensor otherwise), so only one tensor is in memory while writing.
     Written to `path.tmp`, renamed when complete; the partial file is removed on failure."""
-    import gguf
-
-    _check_llama(config)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
-    _add_metadata(w, config, file_type)
-    if tokenizer is not None:
-        _add_tokenizer(w, tokenizer)
+    w, tmp = _open_writer(path, config, tokenizer, file_type)
     for key, value in (extra or {}).items():
         _add_kv(w, key, value)
     for hf, shape, qtype in entries:
