@@ -23,323 +23,28 @@ import numpy as np
 import torch
 
 from infq.errors import InfqError
+from infq.quantizers.kquant_fit import (
+    f16_round,
+    make_q3,
+    make_qkx,
+    make_qp,
+    make_qx,
+    refine_affine,
+    refine_symmetric,
+    rint,
+    roundf,
+    signed_max,
+)
 from infq.quantizers.scheme import QuantConfig, QuantizedTensor
 
 if TYPE_CHECKING:
     from infq.quantizers.calibrate import LayerStats
 
-# ---------------------------------------------------------------- scale searches
-# The scale searches of llama.cpp's reference K-quant encoders, vectorized over blocks in torch.
-#
-# Each function fits one scale (and for the asymmetric ones a min) per sub-block of `x (..., n)`,
-# following `ggml-quants.c` as described in reference §A.5.2: `make_qx` (symmetric, 19 candidate
-# inverse scales, weighted least squares), `make_q3` (symmetric with coordinate descent),
-# `make_qkx` (scale + min, a grid of candidates each refined by 2x2 weighted least squares; the
-# `qkx2`/`qkx3` variants differ only in their arguments) and `make_qp` (positive 6/4-bit sub-block
-# scales with weights, imatrix path).
-# The grids of make_qx/make_qkx are scored without materializing (sub-blocks, candidates, n) codes:
-# along a grid an element's code rint(isc_c * x) is monotone in c and moves by at most two steps
-# (the grid spans 1.5-2 code units), so every candidate's Σw·L, Σw·L², Σw·x·L is the sum under the
-# first candidate plus a cumsum over a histogram of the candidates where codes step (`_code_steps`,
-# `_candidate_sums`): O(n + C) per sub-block instead of O(n·C). The step positions are found by a
-# linear estimate corrected against the exact float32 rint, so the codes are exactly those of the
-# straightforward search (tests/quantizers/test_kquants.py keeps that search as the oracle). The
-# sums and the closed-form squared error of each candidate's (float32) scale and min are float64,
-# so the pick is the truly best candidate; the straightforward float32 search can mis-order two
-# candidates whose errors agree to ~1e-6, so picks differ from it (and from llama.cpp) there. The
-# first best wins, in upstream's candidate order. Q2_K's absolute-error criterion has no closed
-# form: its candidates' errors are evaluated directly (16 candidates of 16 elements).
-# Non-finite intermediates (subnormal ranges overflow 1/range) are mapped to code 0; rows whose
-# grid is not finite never take a candidate. Selections on whole (..., n) tensors are blends
-# (a + (b - a) * mask) rather than torch.where, which runs ~10x slower than arithmetic on CPU;
-# every blended value is finite, so they are exact.
-
-GROUP_MAX_EPS = 1e-15  # below this |max| a sub-block is treated as all zero (ggml's GROUP_MAX_EPS)
-
-
-def rint(v: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int: round half to even (the 1.5*2^23 trick); NaN -> 0."""
-    return torch.nan_to_num(torch.round(v), nan=0.0)
-
-
-def roundf(v: torch.Tensor) -> torch.Tensor:
-    """C roundf: half away from zero, exact (no x + 0.5 double rounding)."""
-    a = v.abs()
-    f = a.floor()
-    return torch.sign(v) * (f + (a - f >= 0.5).to(v.dtype))
-
-
-def signed_max(x: torch.Tensor) -> torch.Tensor:
-    """The element of largest |x| along the last dim (first on ties) -> (...,)."""
-    idx = x.abs().argmax(dim=-1, keepdim=True)
-    return x.gather(-1, idx).squeeze(-1)
-
-
-def _f32(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=like.device)
-
-
-def _code_steps(isc: torch.Tensor, x: torch.Tensor, lo: int, hi: int
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Every candidate's codes at once, as a first code plus the candidates where a code steps.
-
-    isc (M, C) finite inverse scales, monotone along C; x (M, n). The code of element e under
-    candidate c is clamp(rint(isc[c] * x[e]), lo, hi): monotone in c, and it moves by at most a
-    few steps over the grid (the grid spans < 2 code units). -> L0 (M, n) codes under candidate 0,
-    sgn (M, n) the direction (+-1, 0), and per step j = 1.. idx (M, n) long: the first candidate
-    whose code is L0 + sgn*j (C: never). A linear estimate of each crossing is corrected against
-    the exact float32 rint, so the codes are those of evaluating every candidate.
-    """
-    C = isc.shape[-1]
-
-    def code(c: torch.Tensor) -> torch.Tensor:  # c (M, n) long -> the codes under candidate c
-        return isc.gather(-1, c).mul_(x).round_().clamp_(lo, hi)  # finite: no NaN to map
-
-    L0 = (isc[:, :1] * x).round_().clamp_(lo, hi)  # (M, n)
-    delta = (isc[:, -1:] * x).round_().clamp_(lo, hi).sub_(L0)
-    sgn = torch.sign(delta)
-    mag = delta.abs()
-    a, d = isc[:, :1], (isc[:, -1:] - isc[:, :1]) / (C - 1)  # isc[c] ~ a + d*c
-    steps = []
-    for j in range(1, int(mag.max()) + 1 if mag.numel() else 1):
-        active = mag >= j  # (M, n): crosses level j inside the grid, at some c in [1, C)
-        est = (sgn * (j - 0.5)).add_(L0).div_(x).sub_(a).div_(d)  # where isc[c] * x meets the half-way point
-        c = torch.nan_to_num(est.ceil_(), nan=1.0).clamp_(1, C - 1).mul_(active).long()  # inactive: 0
-        while True:  # first candidate that reached level j: move up, then down, exactly
-            up = active & (code(c).sub_(L0).mul_(sgn) < j)
-            if not bool(up.any()):
-                break
-            c = c + up
-        while True:
-            prev = (c - 1).clamp(min=0)
-            down = active & (c > 1) & (code(prev).sub_(L0).mul_(sgn) >= j)
-            if not bool(down.any()):
-                break
-            c = c - down.long()
-        steps.append(c + C * ~active)
-    return L0, sgn, steps
-
-
-def _candidate_sums(isc: torch.Tensor, xq: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lo: int,
-                    hi: int) -> torch.Tensor:
-    """Σw·L, Σw·L², Σw·x·L (float64) for every candidate's codes L = clamp(rint(isc * xq), lo, hi):
-    isc (M, C); xq, x, w (M, n) -> (M, 3, C).
-
-    O(n + C) per row: the sums under candidate 0 plus a histogram of the steps over candidates,
-    accumulated with a cumsum (see `_code_steps`).
-    """
-    M, C = isc.shape
-    L0, sgn, steps = _code_steps(isc, xq, lo, hi)
-    w64, L64 = w.double(), L0.double()
-    wx, wl = w64 * x.double(), w64 * L64
-    base = torch.stack([wl.sum(-1), (wl * L64).sum(-1), (wx * L64).sum(-1)], -1)  # (M, 3)
-    hist = torch.zeros(3, M, C + 1, dtype=torch.float64, device=x.device)
-    if steps:
-        s64 = sgn.double()
-        ws, wxs, twols = w64 * s64, wx * s64, 2 * wl * s64
-        for j, c in enumerate(steps, 1):  # step j: L -> L0 + sgn*j, so L^2 grows by 2*sgn*L0 + 2j - 1
-            hist[0].scatter_add_(-1, c, ws)
-            hist[1].scatter_add_(-1, c, twols + (2 * j - 1) * w64)
-            hist[2].scatter_add_(-1, c, wxs)
-    return base[..., None] + hist[..., :C].cumsum(-1).transpose(0, 1)  # (M, 3, C)
-
-
-def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None, search: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric fit, codes L in [0, 2*nmax) meaning L - nmax. x, w: (..., n) -> (scale (...), L).
-
-    w None means weights x^2 (rmse_type 1). search False is plain RTN: scale = max / -nmax.
-    The 19 candidates are scored from `_candidate_sums` (float64), best (Σwxl)^2/Σwl^2 wins, the
-    first in upstream's order (0, -9..-1, 1..9) on ties.
-    """
-    mx = signed_max(x)  # (...)
-    zero = mx.abs() < GROUP_MAX_EPS
-    if not search:
-        iscale = -nmax / mx
-        L = rint(iscale[..., None] * x).clamp(-nmax, nmax - 1)
-        return torch.where(zero, 0.0, 1 / iscale), torch.where(zero[..., None], 0.0, L + nmax)
-    n = x.shape[-1]
-    w = x * x if w is None else w
-    steps = [float(s) for s in range(-9, 10)]  # ascending, so the inverse scales are monotone
-    # -(nmax + 0.1f*is) / max, in float32 as upstream; zero rows get a harmless stand-in max
-    isc = -(nmax + _f32([0.1], x) * _f32(steps, x)) / torch.where(zero, 1.0, mx).reshape(-1, 1)  # (M, 19)
-    sums = _candidate_sums(isc, x.reshape(-1, n), x.reshape(-1, n), w.expand_as(x).reshape(-1, n), -nmax, nmax - 1)
-    suml2, sumlx = sums[:, 1], sums[:, 2]  # (M, 19)
-    gain = torch.where(suml2 > 0, sumlx * sumlx / suml2, 0.0)
-    upstream = [9] + list(range(9)) + list(range(10, 19))  # candidate order 0, -9..-1, 1..9
-    order = torch.tensor(upstream, device=x.device)
-    pick = order[gain[:, order].argmax(-1)][:, None]  # (M, 1), first best in upstream's order
-    l2, lx = suml2.gather(-1, pick), sumlx.gather(-1, pick)
-    scale = torch.where(l2 > 0, lx / l2, 0.0).to(torch.float32).reshape(mx.shape)
-    L = rint(isc.gather(-1, pick) * x.reshape(-1, n)).clamp(-nmax, nmax - 1).reshape(x.shape)
-    scale = torch.where(zero, 0.0, torch.nan_to_num(scale))
-    return scale, (L + nmax) * ~zero[..., None]
-
-
-def make_q3(x: torch.Tensor, nmax: int, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q3_K's fit: start at max / -nmax, then up to 5 passes of per-element coordinate descent on
-    the x^2-weighted objective (Σwxl)^2/Σwl^2. -> (scale (...), L in [0, 2*nmax))."""
-    mx = signed_max(x)
-    zero = mx.abs() < GROUP_MAX_EPS
-    iscale = -nmax / mx  # (...)
-    L = rint(iscale[..., None] * x).clamp(-nmax, nmax - 1)  # (..., n)
-    if not search:
-        return torch.where(zero, 0.0, 1 / iscale), torch.where(zero[..., None], 0.0, L + nmax)
-    w = x * x
-    sumlx = (w * x * L).sum(-1)
-    suml2 = (w * L * L).sum(-1)
-    for _ in range(5):  # a pass that changes nothing leaves the state as is, so 5 passes == upstream
-        for i in range(x.shape[-1]):
-            wi, xi, li = w[..., i], x[..., i], L[..., i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            new_l = rint(xi * sl2 / slx).clamp(-nmax, nmax - 1)
-            slx2 = slx + wi * xi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            ok = (slx > 0) & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[..., i] = torch.where(ok, new_l, li)
-            sumlx = torch.where(ok, slx2, sumlx)
-            suml2 = torch.where(ok, sl22, suml2)
-    scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
-    return torch.where(zero, 0.0, scale), (L + nmax) * ~zero[..., None]
-
-
-def make_qkx(x: torch.Tensor, nmax: int, w: torch.Tensor, rmin: float, rdelta: float, nstep: int,
-             use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale + min fit: value = scale*L - the_min, L in [0, nmax], the_min >= 0.
-
-    x, w: (..., n) -> (scale (...), the_min (...), L (..., n)). nstep 0 is plain min/max RTN.
-    Squared error (use_mad False): every candidate's sums come from `_candidate_sums` and its
-    error from the closed form of the 2x2 fit, in float64; the absolute error (Q2_K) evaluates
-    every candidate directly.
-    """
-    mn = x.amin(-1).clamp(max=0.0)  # (...)
-    mx = x.amax(-1)
-    flat = mx <= mn
-    rng = mx - mn
-    xm = x - mn[..., None]  # (..., n)
-    iscale = nmax / rng
-    scale = 1 / iscale
-    L = rint(iscale[..., None] * xm).clamp(0, nmax)  # (..., n)
-    mins = mn.clone()
-    if nstep >= 1:
-        steps = _f32([float(s) for s in range(nstep + 1)], x)
-        num = (rmin + rdelta * steps) + nmax  # (C,) float32: (rmin + rdelta*is) + nmax
-        isc = num / rng[..., None]  # (..., C)
-        fit = _qkx_mad if use_mad else _qkx_squared
-        better, ts, tm, pick = fit(x, xm, w, isc, flat, scale, mins, L, nmax)
-        scale = torch.where(better, ts, scale)
-        mins = torch.where(better, tm, mins)
-        chosen = rint(isc.gather(-1, pick[..., None]) * xm).clamp(0, nmax)
-        L = L + (chosen - L) * better[..., None]
-    scale = torch.where(flat, 0.0, torch.nan_to_num(scale))
-    L = L * ~flat[..., None]
-    return scale, -mins, L
-
-
-def _qkx_lsq(x: torch.Tensor, xm: torch.Tensor, w: torch.Tensor, isc: torch.Tensor, flat: torch.Tensor,
-             nmax: int) -> tuple:
-    """Every candidate's 2x2 weighted least-squares (scale, min) in float64, from `_candidate_sums`.
-
-    -> ts, tm (..., C) float32, valid (..., C) (a usable grid and D > 0), and the float64 sums
-    (sum_l, sum_l2, sum_xl (..., C); sum_w, sum_x (..., 1)) for scoring.
-    """
-    lead, n, C = x.shape[:-1], x.shape[-1], isc.shape[-1]
-    ok = ~flat & torch.isfinite(isc).all(-1)  # rows with a usable grid (not flat, no 1/subnormal)
-    grid = torch.where(ok[..., None], isc, 1.0 + torch.arange(C, device=x.device))
-    sums = _candidate_sums(grid.reshape(-1, C), xm.reshape(-1, n), x.reshape(-1, n), w.reshape(-1, n), 0, nmax)
-    sum_l, sum_l2, sum_xl = sums.reshape(*lead, 3, C).unbind(-2)  # (..., C) float64
-    w64 = w.double()
-    sum_w, sum_x = w64.sum(-1, keepdim=True), (w64 * x.double()).sum(-1, keepdim=True)
-    D = sum_w * sum_l2 - sum_l * sum_l
-    ts = (sum_w * sum_xl - sum_x * sum_l) / D
-    tm = (sum_l2 * sum_x - sum_l * sum_xl) / D
-    pos = tm > 0
-    tm = torch.where(pos, 0.0, tm).to(torch.float32)
-    ts = torch.where(pos, sum_xl / sum_l2, ts).to(torch.float32)
-    return ts, tm, (D > 0) & ok[..., None], (sum_l, sum_l2, sum_xl, sum_w, sum_x)
-
-
-def _qkx_squared(x, xm, w, isc, flat, scale, mins, L, nmax):
-    """make_qkx's search on the weighted squared error -> (better, scale, min, candidate) per row.
-    Each candidate's error is the closed form of its sums, in float64 (no cancellation trouble)."""
-    ts, tm, valid, (sum_l, sum_l2, sum_xl, sum_w, sum_x) = _qkx_lsq(x, xm, w, isc, flat, nmax)
-    w64, x64 = w.double(), x.double()
-    sum_x2 = (w64 * x64 * x64).sum(-1, keepdim=True)
-    s, m = ts.double(), tm.double()  # the error of the float32 pair actually kept
-    cur = (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w - 2 * m * sum_x + sum_x2)
-    cur = torch.where(valid, cur, torch.inf)
-    diff = scale.double()[..., None] * L.double() + mins.double()[..., None] - x64
-    best = (w64 * diff * diff).sum(-1)  # the plain min/max fit's error
-    low, pick = cur.min(-1)  # first minimum
-    better = low < best
-    return better, ts.gather(-1, pick[..., None]).squeeze(-1), tm.gather(-1, pick[..., None]).squeeze(-1), pick
-
-
-def _qkx_mad(x, xm, w, isc, flat, scale, mins, L, nmax):
-    """make_qkx's search on the weighted absolute error: the fits from `_qkx_lsq`, each candidate's
-    error evaluated directly on its codes (..., C, n); upstream's strict "better" rule in order."""
-    ts, tm, valid, _ = _qkx_lsq(x, xm, w, isc, flat, nmax)
-    isc = torch.where(torch.isfinite(isc), isc, 0.0)  # rows without a usable grid are never picked
-
-    diff = scale[..., None] * L + mins[..., None] - x  # (scale*L + min) - x, as upstream
-    best = (w * diff.abs()).sum(-1)
-    La = (isc[..., None] * xm[..., None, :]).round_().clamp_(0, nmax)  # (..., C, n), finite
-    diff = La * ts[..., None]  # the same for every candidate, in place (no more (..., C, n) temporaries)
-    diff.add_(tm[..., None]).sub_(x[..., None, :]).abs_()
-    cur = (diff @ w[..., None]).squeeze(-1)  # (..., C): Σ w |diff| as a batched mat-vec
-    pick = torch.zeros_like(mins, dtype=torch.long)
-    better = torch.zeros_like(flat)
-    for c in range(isc.shape[-1]):  # strict "better than the best so far", as upstream
-        b = valid[..., c] & (cur[..., c] < best)
-        pick = torch.where(b, c, pick)
-        best = torch.where(b, cur[..., c], best)
-        better = better | b
-    return better, ts.gather(-1, pick[..., None]).squeeze(-1), tm.gather(-1, pick[..., None]).squeeze(-1), pick
-
-
-def make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize positive sub-block scales x (..., n) to [0, nmax] with weights w: a +-0.4 grid of
-    inverse scales, then 5 passes of coordinate descent. -> (scale (...), L (..., n))."""
-    mx = x.amax(-1).clamp(min=0.0)
-    zero = mx < GROUP_MAX_EPS
-    iscale = nmax / mx
-    L0 = rint(iscale[..., None] * x).clamp(0, nmax)
-
-    def mse(isc: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        d = x - (1 / isc)[..., None] * L
-        return (w * d * d).sum(-1)
-
-    best = mse(iscale, L0)
-    for s in (-4, -3, -2, -1, 1, 2, 3, 4):
-        isc = (_f32([0.1], x) * s + nmax) / mx
-        m = mse(isc, rint(isc[..., None] * x).clamp(0, nmax))
-        better = m < best
-        best = torch.where(better, m, best)
-        iscale = torch.where(better, isc, iscale)
-    L = rint(iscale[..., None] * x).clamp(0, nmax)
-    sumlx = (w * x * L).sum(-1)
-    suml2 = (w * L * L).sum(-1)
-    for _ in range(5):
-        for i in range(x.shape[-1]):
-            wi, xi, li = w[..., i], x[..., i], L[..., i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            new_l = rint(xi * sl2 / slx).clamp(max=nmax)
-            slx2 = slx + wi * xi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            ok = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[..., i] = torch.where(ok, new_l, li)
-            sumlx = torch.where(ok, slx2, sumlx)
-            suml2 = torch.where(ok, sl22, suml2)
-    scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
-    return torch.where(zero, 0.0, scale), torch.where(zero[..., None], 0.0, L.clamp(min=0))
-
-
 # ---------------------------------------------------------------- block types
 
 QK_K = 256
-_ROW_CHUNK_ELEMENTS = 1 << 16  # rows encoded together: temporaries stay cache-sized (measured best on CPU)
+_ROW_CHUNK_ELEMENTS = 1 << 17  # rows encoded together: temporaries stay cache-sized (measured best on CPU)
+_LOOP_CHUNK_ELEMENTS = 1 << 18  # for make_qkx's per-candidate loop: fewer calls, bigger ops (measured)
 
 
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -350,10 +55,6 @@ def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
 def _f16_value(b: torch.Tensor) -> torch.Tensor:
     """(..., 2) uint8 -> float32 (...)."""
     return b.contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
-
-
-def _f16_round(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float16).to(torch.float32)
 
 
 def _u8(v: torch.Tensor) -> torch.Tensor:
@@ -493,6 +194,12 @@ def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     return _unpack_bits(qs.unflatten(-1, (2, 32)), 2, 4).flatten(-3)  # (..., 256)
 
 
+def _error_weights(qw: torch.Tensor | None, xs: torch.Tensor) -> torch.Tensor:
+    """The refinement's error weights in the sub-block shape of xs (R, NB, S, n): the importance
+    matrix (NB, block) when given, else ones."""
+    return torch.ones_like(xs) if qw is None else qw.reshape(xs.shape[1:]).expand_as(xs)
+
+
 def _requant(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, L: torch.Tensor, lo: int,
              hi: int) -> torch.Tensor:
     """Re-round x (..., S, n) against decoded sub-block scales d (..., S) [and mins dm]; where a
@@ -505,6 +212,9 @@ def _requant(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, L: torch
 class Q2_K(BlockType):
     name, ggml_type, block, nbytes = "Q2_K", 10, 256, 84
 
+    def chunk_elements(self, weighted):
+        return _LOOP_CHUNK_ELEMENTS
+
     def encode(self, x, qw, search):
         xs = x.unflatten(-1, (16, 16))  # (R, NB, 16, 16)
         if qw is not None and search:
@@ -516,8 +226,10 @@ class Q2_K(BlockType):
             scales, mins, L = make_qkx(xs, 3, xs.abs(), -0.5, 0.1, 15 if search else 0, True)
             d, ls = _max_code(scales, 15)
             dmin, lm = _max_code(mins, 15)
-        d, dmin = _f16_round(d), _f16_round(dmin)
+        d, dmin = f16_round(d), f16_round(dmin)
         L = _requant(xs, d[..., None] * ls, dmin[..., None] * lm, L, 0, 3)
+        if search:
+            d, dmin, ls, lm, L = refine_affine(xs, _error_weights(qw, xs), d, dmin, ls, lm, L, 3, 15)
         sc = _u8(ls) | _u8(lm) << 4
         return torch.cat([sc, _pack_2bit(L.flatten(-2)), _f16_bytes(d), _f16_bytes(dmin)], -1)
 
@@ -554,8 +266,12 @@ class Q3_K(BlockType):
             inv = torch.where(mx != 0, -32 / mx, 0.0)
             ls = torch.where((mx != 0)[..., None], rint(inv[..., None] * scales).clamp(-32, 31) + 32, 0.0)
             d = torch.where(mx != 0, 1 / inv, 0.0)
-        d = _f16_round(d)
-        L = _requant(xs, d[..., None] * (ls - 32), None, L, -4, 3).flatten(-2)  # (R, NB, 256) in [0, 8)
+        d = f16_round(d)
+        L = _requant(xs, d[..., None] * (ls - 32), None, L, -4, 3)  # (R, NB, 16, 16) in [0, 8)
+        if search:
+            d, sc, q = refine_symmetric(xs, _error_weights(qw, xs), d, ls - 32, L - 4, -4, 3, -32, 31)
+            ls, L = sc + 32, q + 4
+        L = L.flatten(-2)
         hmask = _pack_bits((L > 3).unflatten(-1, (8, 32)), 1)
         low = torch.where(L > 3, L - 4, L)
         lsb = _u8(ls)
@@ -590,6 +306,9 @@ def _unpack_scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _QKx(BlockType):
     """Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins."""
 
+    def chunk_elements(self, weighted):
+        return _LOOP_CHUNK_ELEMENTS
+
     nmax = 15
     rmin, nstep = -1.0, 20
 
@@ -605,8 +324,10 @@ class _QKx(BlockType):
             scales, mins, L = make_qkx(xs, self.nmax, w, self.rmin, 0.1, self.nstep if search else 0, False)
             d, ls = _max_code(scales, 63)
             dmin, lm = _max_code(mins, 63)
-        d, dmin = _f16_round(d), _f16_round(dmin)
+        d, dmin = f16_round(d), f16_round(dmin)
         L = _requant(xs, d[..., None] * ls, dmin[..., None] * lm, L, 0, self.nmax)  # (R, NB, 8, 32)
+        if search:
+            d, dmin, ls, lm, L = refine_affine(xs, _error_weights(qw, xs), d, dmin, ls, lm, L, self.nmax, 63)
         parts = [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm)]
         if self.nmax == 31:
             parts.append(_pack_bits(_u8(L) >> 4, 1))  # qh[l] bit j = 5th bit of sub-block j, elem l
@@ -646,9 +367,13 @@ class Q6_K(BlockType):
         mx = signed_max(scales)  # (R, NB)
         zero = mx.abs() < 1e-15
         inv = torch.where(zero, 0.0, -128 / mx)
-        d = _f16_round(torch.where(zero, 0.0, 1 / inv))
+        d = f16_round(torch.where(zero, 0.0, 1 / inv))
         ls = rint(inv[..., None] * scales).clamp(-128, 127)
-        L = _requant(xs, d[..., None] * ls, None, L, -32, 31).flatten(-2)  # (R, NB, 256) in [0, 64)
+        L = _requant(xs, d[..., None] * ls, None, L, -32, 31)  # (R, NB, 16, 16) in [0, 64)
+        if search:
+            d, ls, q = refine_symmetric(xs, _error_weights(qw, xs), d, ls, L - 32, -32, 31, -128, 127)
+            L = q + 32
+        L = L.flatten(-2)
         q = _u8(L).unflatten(-1, (2, 4, 32))  # (h, k, l)
         ql = torch.cat([_pack_nibbles(q[..., 0, :], q[..., 2, :]), _pack_nibbles(q[..., 1, :], q[..., 3, :])], -1)
         qh = _pack_bits(q >> 4, 2)  # (R, NB, 2, 32)

@@ -19,7 +19,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from infq.errors import InfqError
-from infq.quantizers import kquants
+from infq.quantizers import kquant_fit, kquants
 
 TYPES = tuple(kquants.BLOCK_TYPES)
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -162,9 +162,9 @@ def test_dequantize_rejects_wrong_row_bytes() -> None:
 
 
 def _oracle_qx(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rint = kquants.rint
-    mx = kquants.signed_max(x)
-    zero = mx.abs() < kquants.GROUP_MAX_EPS
+    rint = kquant_fit.rint
+    mx = kquant_fit.signed_max(x)
+    zero = mx.abs() < kquant_fit.GROUP_MAX_EPS
     steps = torch.tensor([0.0] + [float(s) for s in range(-9, 10) if s != 0])
     iscale = -(nmax + torch.tensor([0.1]) * steps) / mx[..., None]  # (..., C)
     L = rint(iscale[..., None] * x[..., None, :]).clamp(-nmax, nmax - 1)  # (..., C, n)
@@ -184,38 +184,39 @@ def _oracle_qx(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tenso
 
 def _oracle_qkx(x: torch.Tensor, nmax: int, w: torch.Tensor, rmin: float, rdelta: float, nstep: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rint = kquants.rint
-    mn = x.amin(-1).clamp(max=0.0)
-    rng = x.amax(-1) - mn
-    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
-    xm = x - mn[..., None]
+    """A line-by-line transcription of ggml's make_qkx2_quants (squared error) in numpy float32,
+    one sub-block and one candidate at a time: the current min moves with every improvement."""
+    f32 = np.float32
+    X, Wt = x.numpy().astype(f32), w.numpy().astype(f32)
+    S, M, Ls = np.zeros(len(X), f32), np.zeros(len(X), f32), np.zeros(X.shape, f32)
 
-    def err(scale, mins, L, xx, ww):
-        diff = scale[..., None] * L + mins[..., None] - xx
-        return (ww * diff * diff).sum(-1)
+    def rint(v):  # ggml's nearest_int: round half to even
+        return np.round(v).astype(f32)
 
-    scale = rng / nmax
-    L = rint(nmax / rng[..., None] * xm).clamp(0, nmax)
-    mins = mn.clone()
-    best = err(scale, mins, L, x, w)
-    num = (rmin + rdelta * torch.arange(nstep + 1, dtype=torch.float32)) + nmax
-    La = rint((num / rng[..., None])[..., None] * xm[..., None, :]).clamp(0, nmax)  # (..., C, n)
-    wl = w[..., None, :] * La
-    sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * La).sum(-1), (wl * x[..., None, :]).sum(-1)
-    D = sum_w[..., None] * sum_l2 - sum_l * sum_l
-    ts = (sum_w[..., None] * sum_xl - sum_x[..., None] * sum_l) / D
-    tm = (sum_l2 * sum_x[..., None] - sum_l * sum_xl) / D
-    pos = tm > 0
-    tm = torch.where(pos, 0.0, tm)
-    ts = torch.where(pos, sum_xl / sum_l2, ts)
-    cur = err(ts, tm, La, x[..., None, :], w[..., None, :])
-    pick = torch.full_like(mn, -1, dtype=torch.long)
-    for c in range(nstep + 1):
-        better = (D[..., c] > 0) & (cur[..., c] < best)
-        pick, best = torch.where(better, c, pick), torch.where(better, cur[..., c], best)
-        scale, mins = torch.where(better, ts[..., c], scale), torch.where(better, tm[..., c], mins)
-    chosen = La.gather(-2, pick.clamp(min=0)[..., None, None].expand(*pick.shape, 1, x.shape[-1]))
-    return scale, -mins, torch.where((pick >= 0)[..., None], chosen.squeeze(-2), L)
+    for r, (xb, wb) in enumerate(zip(X, Wt, strict=True)):
+        mn, mx = f32(min(xb.min(), 0)), xb.max()
+        if mx == mn:
+            S[r], M[r] = 0, -mn
+            continue
+        sum_w, sum_x = wb.sum(dtype=f32), (wb * xb).sum(dtype=f32)
+        iscale = f32(nmax) / (mx - mn)
+        scale = f32(1) / iscale
+        L = np.clip(rint(iscale * (xb - mn)), 0, nmax)
+        best = (wb * (scale * L + mn - xb) ** 2).sum(dtype=f32)
+        for i in range(nstep + 1):
+            iscale = (f32(rmin) + f32(rdelta) * f32(i) + f32(nmax)) / (mx - mn)
+            La = np.clip(rint(iscale * (xb - mn)), 0, nmax)
+            sl, sl2, sxl = (wb * La).sum(dtype=f32), (wb * La * La).sum(dtype=f32), (wb * La * xb).sum(dtype=f32)
+            D = sum_w * sl2 - sl * sl
+            if D > 0:
+                ts, tm = (sum_w * sxl - sum_x * sl) / D, (sl2 * sum_x - sl * sxl) / D
+                if tm > 0:
+                    tm, ts = f32(0), sxl / sl2
+                cur = (wb * (ts * La + tm - xb) ** 2).sum(dtype=f32)
+                if cur < best:
+                    L, best, scale, mn = La, cur, ts, tm
+        S[r], M[r], Ls[r] = scale, -mn, L
+    return torch.from_numpy(S), torch.from_numpy(M), torch.from_numpy(Ls)
 
 
 def _fit_err(x: torch.Tensor, w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -253,15 +254,23 @@ def _search_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(("nmax", "rmin", "rdelta", "nstep", "n"), [
     (15, -1.0, 0.1, 20, 32), (15, -0.9, 0.05, 36, 32), (31, -0.5, 0.1, 15, 32), (31, -0.9, 0.05, 36, 32),
     (3, -0.9, 0.05, 36, 16), (15, -0.9, 0.05, 36, 16)])
-def test_fast_qkx_search_matches_all_candidates(nmax: int, rmin: float, rdelta: float, nstep: int, n: int) -> None:
+def test_qkx_search_matches_upstream_transcription(nmax: int, rmin: float, rdelta: float, nstep: int, n: int) -> None:
     x, w = _search_data(n, nmax + nstep)
-    s, m, L = kquants.make_qkx(x, nmax, w, rmin, rdelta, nstep, False)
+    x, w = torch.cat([x[:100], x[500:550], x[-250:]]), torch.cat([w[:100], w[500:550], w[-250:]])
+    s, m, L = kquant_fit.make_qkx(x, nmax, w, rmin, rdelta, nstep, False)
     os_, om, oL = _oracle_qkx(x, nmax, w, rmin, rdelta, nstep)
-    assert not bool((_pick_err_qkx(x, w, L) > _pick_err_qkx(x, w, oL) * (1 + 1e-6)).any())  # NaN: no fit either way
-    ours = _fit_err(x, w, s[:, None] * L - m[:, None])  # float32 scale and min: a looser tolerance
+    # float32 sums in another order (and our float64 error formula) re-order near-equal candidates,
+    # and a different pick moves the min the later candidates round against (measured: 0.25-5.8 %
+    # of sub-blocks pick other codes; one in 200 ends > 0.2 % worse, the totals within 1e-4).
+    # The 2x2 solve cancels (sum_w*sum_l2 - sum_l^2), so float32 fits of exact grids leave ~1e-7
+    # of the sub-block's energy.
+    assert float((L != oL).any(-1).double().mean()) < 0.08
+    ours_pick, ref_pick = _pick_err_qkx(x, w, L).nan_to_num(), _pick_err_qkx(x, w, oL).nan_to_num()
+    assert float((ours_pick > ref_pick * (1 + 2e-3)).double().mean()) <= 0.01
+    assert float(ours_pick.sum()) <= float(ref_pick.sum()) * (1 + 2e-4)
+    ours = _fit_err(x, w, s[:, None] * L - m[:, None])
     ref = _fit_err(x, w, os_[:, None] * oL - om[:, None])
-    assert not bool((ours > ref * (1 + 1e-4) + 1e-12).any())
-    assert float((L != oL).any(-1).double().mean()) < 0.01  # the same pick almost always
+    assert float(ours.sum()) <= float(ref.sum()) * (1 + 2e-4)
 
 
 @pytest.mark.parametrize(("nmax", "n", "weighted"), [(4, 16, True), (8, 32, True), (16, 32, True), (32, 16, False),
@@ -269,7 +278,7 @@ def test_fast_qkx_search_matches_all_candidates(nmax: int, rmin: float, rdelta: 
 def test_fast_qx_search_matches_all_candidates(nmax: int, n: int, weighted: bool) -> None:
     x, w = _search_data(n, nmax)
     w = w if weighted else x * x
-    s, L = kquants.make_qx(x, nmax, w if weighted else None)
+    s, L = kquant_fit.make_qx(x, nmax, w if weighted else None)
     os_, oL = _oracle_qx(x, nmax, w)
     assert not bool((_pick_err_qx(x, w, L - nmax) > _pick_err_qx(x, w, oL - nmax) * (1 + 1e-6)).any())
     ours = _fit_err(x, w, s[:, None] * (L - nmax))
