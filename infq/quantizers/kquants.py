@@ -29,8 +29,6 @@ from infq.quantizers.kquant_fit import (
     make_qkx,
     make_qp,
     make_qx,
-    refine_affine,
-    refine_symmetric,
     rint,
     roundf,
     signed_max,
@@ -194,12 +192,6 @@ def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     return _unpack_bits(qs.unflatten(-1, (2, 32)), 2, 4).flatten(-3)  # (..., 256)
 
 
-def _error_weights(qw: torch.Tensor | None, xs: torch.Tensor) -> torch.Tensor:
-    """The refinement's error weights in the sub-block shape of xs (R, NB, S, n): the importance
-    matrix (NB, block) when given, else ones."""
-    return torch.ones_like(xs) if qw is None else qw.reshape(xs.shape[1:]).expand_as(xs)
-
-
 def _requant(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, L: torch.Tensor, lo: int,
              hi: int) -> torch.Tensor:
     """Re-round x (..., S, n) against decoded sub-block scales d (..., S) [and mins dm]; where a
@@ -228,8 +220,6 @@ class Q2_K(BlockType):
             dmin, lm = _max_code(mins, 15)
         d, dmin = f16_round(d), f16_round(dmin)
         L = _requant(xs, d[..., None] * ls, dmin[..., None] * lm, L, 0, 3)
-        if search:
-            d, dmin, ls, lm, L = refine_affine(xs, _error_weights(qw, xs), d, dmin, ls, lm, L, 3, 15)
         sc = _u8(ls) | _u8(lm) << 4
         return torch.cat([sc, _pack_2bit(L.flatten(-2)), _f16_bytes(d), _f16_bytes(dmin)], -1)
 
@@ -268,9 +258,6 @@ class Q3_K(BlockType):
             d = torch.where(mx != 0, 1 / inv, 0.0)
         d = f16_round(d)
         L = _requant(xs, d[..., None] * (ls - 32), None, L, -4, 3)  # (R, NB, 16, 16) in [0, 8)
-        if search:
-            d, sc, q = refine_symmetric(xs, _error_weights(qw, xs), d, ls - 32, L - 4, -4, 3, -32, 31)
-            ls, L = sc + 32, q + 4
         L = L.flatten(-2)
         hmask = _pack_bits((L > 3).unflatten(-1, (8, 32)), 1)
         low = torch.where(L > 3, L - 4, L)
@@ -326,8 +313,6 @@ class _QKx(BlockType):
             dmin, lm = _max_code(mins, 63)
         d, dmin = f16_round(d), f16_round(dmin)
         L = _requant(xs, d[..., None] * ls, dmin[..., None] * lm, L, 0, self.nmax)  # (R, NB, 8, 32)
-        if search:
-            d, dmin, ls, lm, L = refine_affine(xs, _error_weights(qw, xs), d, dmin, ls, lm, L, self.nmax, 63)
         parts = [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm)]
         if self.nmax == 31:
             parts.append(_pack_bits(_u8(L) >> 4, 1))  # qh[l] bit j = 5th bit of sub-block j, elem l
@@ -370,9 +355,6 @@ class Q6_K(BlockType):
         d = f16_round(torch.where(zero, 0.0, 1 / inv))
         ls = rint(inv[..., None] * scales).clamp(-128, 127)
         L = _requant(xs, d[..., None] * ls, None, L, -32, 31)  # (R, NB, 16, 16) in [0, 64)
-        if search:
-            d, ls, q = refine_symmetric(xs, _error_weights(qw, xs), d, ls, L - 32, -32, 31, -128, 127)
-            L = q + 32
         L = L.flatten(-2)
         q = _u8(L).unflatten(-1, (2, 4, 32))  # (h, k, l)
         ql = torch.cat([_pack_nibbles(q[..., 0, :], q[..., 2, :]), _pack_nibbles(q[..., 1, :], q[..., 3, :])], -1)

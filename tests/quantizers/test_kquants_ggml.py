@@ -2,12 +2,11 @@
 libggml-base, via ctypes; skipped where no build is present, as in CI: set INFQ_LLAMACPP).
 
 Oracle: ggml's encoders on the same float32 weights and importance matrix. Legacy types without an
-imatrix are the same bytes. The K types run upstream's fit and then infq's refinement (see
-kquant_fit), so their error — weighted by the imatrix when one is given, else plain — must come out
-no higher than ggml's on the whole tensor (tolerance 1e-6 relative: float32 sums); per block it
-may be higher in a few (at most 10 %): float32 sum order flips upstream's near-tied candidates,
-and the refinement starts from that other fit. The legacy types
-with an imatrix run upstream's fit alone: within 0.1 % of ggml's error.
+imatrix are the same bytes. Elsewhere infq runs upstream's fits with float32 (and float64) sums in
+another order, which flips near-tied candidates in a few blocks, and keeps plain RTN in blocks
+where it decodes closer (`_encode_guarded`): at least 80 % of blocks are the same bytes (measured
+85-100 %), and the error on the whole tensor (weighted by the imatrix when one is given, else
+plain) is within 0.1 % of ggml's (measured -1.6 % .. +0.02 %).
 """
 
 from __future__ import annotations
@@ -69,8 +68,7 @@ def test_encoder_error_no_worse_than_ggml(qtype: str, with_imatrix: bool) -> Non
     e_ours, e_theirs = _block_err(ours, qtype, w, weights), _block_err(theirs, qtype, w, weights)
     if qtype in LEGACY and not with_imatrix:
         assert np.array_equal(ours, theirs)
-    elif qtype in LEGACY:
-        assert float(e_ours.sum()) <= float(e_theirs.sum()) * (1 + 1e-3)
-    else:
-        assert float(e_ours.sum()) <= float(e_theirs.sum()) * (1 + 1e-6)
-        assert float((e_ours > e_theirs * (1 + 1e-3)).double().mean()) <= 0.1
+    t = kquants.block_type(qtype)
+    same = (ours.reshape(-1, t.nbytes) == theirs.reshape(-1, t.nbytes)).all(-1)
+    assert float(same.mean()) >= 0.8
+    assert float(e_ours.sum()) <= float(e_theirs.sum()) * (1 + 1e-3)
