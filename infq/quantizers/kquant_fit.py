@@ -181,21 +181,27 @@ def make_q3(x: torch.Tensor, nmax: int, search: bool = True) -> tuple[torch.Tens
     L = rint(iscale[..., None] * x).clamp(-nmax, nmax - 1)  # (..., n)
     if not search:
         return torch.where(zero, 0.0, 1 / iscale), torch.where(zero[..., None], 0.0, L + nmax)
-    w = x * x
-    sumlx = (w * x * L).sum(-1)
-    suml2 = (w * L * L).sum(-1)
+    n = x.shape[-1]
+    xt = x.reshape(-1, n).t().contiguous()  # (n, M): element i of every sub-block is one contiguous row
+    wt = xt * xt
+    wxt = wt * xt
+    Lt = L.reshape(-1, n).t().contiguous()
+    sumlx = (wxt * Lt).sum(0)
+    suml2 = (wt * Lt * Lt).sum(0)
     for _ in range(5):  # a pass that changes nothing leaves the state as is, so 5 passes == upstream
-        for i in range(x.shape[-1]):
-            wi, xi, li = w[..., i], x[..., i], L[..., i]
-            slx = sumlx - wi * xi * li
+        for i in range(n):
+            wi, wxi, li = wt[i], wxt[i], Lt[i]
+            slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
-            new_l = rint(xi * sl2 / slx).clamp(-nmax, nmax - 1)
-            slx2 = slx + wi * xi * new_l
+            new_l = rint(xt[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            slx2 = slx + wxi * new_l
             sl22 = sl2 + wi * new_l * new_l
             ok = (slx > 0) & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[..., i] = torch.where(ok, new_l, li)
+            Lt[i] = torch.where(ok, new_l, li)
             sumlx = torch.where(ok, slx2, sumlx)
             suml2 = torch.where(ok, sl22, suml2)
+    L = Lt.t().reshape(x.shape)
+    sumlx, suml2 = sumlx.reshape(x.shape[:-1]), suml2.reshape(x.shape[:-1])
     scale = torch.where(suml2 > 0, sumlx / suml2, 0.0)
     return torch.where(zero, 0.0, scale), (L + nmax) * ~zero[..., None]
 

@@ -242,7 +242,7 @@ class Q3_K(BlockType):
     name, ggml_type, block, nbytes = "Q3_K", 11, 256, 110
 
     def chunk_elements(self, weighted):
-        return _ROW_CHUNK_ELEMENTS if weighted else 1 << 19  # make_q3 loops over elements per call
+        return _ROW_CHUNK_ELEMENTS if weighted else 1 << 20  # make_q3 loops over elements per call
 
     def encode(self, x, qw, search):
         xs = x.unflatten(-1, (16, 16))
