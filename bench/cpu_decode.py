@@ -60,9 +60,10 @@ def measure_infq(path: str, dtype: str, tokens: int, profile: bool) -> dict:
     from infq.runtime.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    model = load_model(path, dtype=dtype, tokenizer=False).model
+    model = load_model(path, dtype=dtype, tokenizer=False, serving=True).model  # as `infq run` loads it
     load_s = time.perf_counter() - t0
-    kernels = sorted({getattr(lin, "impl", type(lin).__name__) for b in model.blocks for lin in b.linears.values()})
+    kernels = sorted({getattr(lin, "impl", type(lin).__name__) for b in model.blocks
+                      for lin in [*b.linears.values(), *b.fused.values()]})
     head = getattr(model.lm_head, "impl", type(model.lm_head).__name__) if model.lm_head is not None else "tied"
     ids = torch.tensor([PROMPT])  # (1, 8)
 

@@ -42,6 +42,7 @@ from infq.quantizers.scheme import QuantizedTensor
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes `_weight_int4pack_mm_for_cpu` accepts
 INT4_ROWS = 16  # its output rows (N) must be a multiple of this
+INT4_PACK_BLOCK = 64  # the packed layout interleaves rows within blocks of 64 (measured: row-local beyond)
 
 
 class Kernel(Protocol):
@@ -251,6 +252,47 @@ class Int4PackKernel:
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*shape[:-1], self.n) if y.is_contiguous() else y.reshape(*shape[:-1], self.n)
+
+
+def fuse_kernels(kernels: list[object]) -> object | None:
+    """One kernel computing the outputs of `kernels` side by side (q/k/v, gate/up: the same input),
+    or None where they do not share a layout. The packed CPU layouts are row-local, so fusing is a
+    concatenation along N: int4pack kernels with the same group, planes, dtype, no act-order
+    permutation and no padded rows, every part but the last a whole number of the layout's 64-row
+    blocks; int8pack and dense kernels of one dtype. One call instead of
+    two or three: less per-call overhead, and the kernel's threads split a longer N."""
+    first = kernels[0]
+    if not all(type(k) is type(first) for k in kernels) or len(kernels) < 2:
+        return None
+    if isinstance(first, Int4PackKernel):
+        ks = [k for k in kernels if isinstance(k, Int4PackKernel)]
+        same = all(k.group == first.group and k.planes == first.planes and k.dtype == first.dtype for k in ks)
+        if not same or any(k.perm is not None or k.packed.shape[0] != k.n for k in ks):
+            return None
+        if any(k.n % INT4_PACK_BLOCK for k in ks[:-1]):  # a part must end on a packing block
+            return None
+        fused = object.__new__(Int4PackKernel)
+        fused.packed = torch.cat([k.packed for k in ks])  # (sum N, P K / 2)
+        fused.sz = torch.cat([k.sz for k in ks], 1).contiguous()  # (P K / g, sum N, 2)
+        fused.perm, fused.group, fused.n, fused.planes, fused.dtype = None, first.group, sum(k.n for k in ks), \
+            first.planes, first.dtype
+        fused._op = first._op
+        fused.nbytes = sum(k.nbytes for k in ks)
+        return fused
+    if isinstance(first, Int8PackKernel):
+        ks8 = [k for k in kernels if isinstance(k, Int8PackKernel)]
+        if any(k.dtype != first.dtype for k in ks8):
+            return None
+        return Int8PackKernel(torch.cat([k.codes for k in ks8]), torch.cat([k.scale for k in ks8]), first.dtype)
+    if isinstance(first, DenseKernel):
+        kd = [k for k in kernels if isinstance(k, DenseKernel)]
+        if any(k.weight.dtype != first.weight.dtype for k in kd):
+            return None
+        fused_d = object.__new__(DenseKernel)
+        fused_d.name, fused_d.weight = first.name, torch.cat([k.weight for k in kd])
+        fused_d.nbytes = sum(k.nbytes for k in kd)
+        return fused_d
+    return None
 
 
 def kernel_group(group: int, k: int) -> int | None:

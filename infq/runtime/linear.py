@@ -103,6 +103,42 @@ class QuantLinear(nn.Module):
         return self.kernel(x, self.bias)  # (..., out)
 
 
+class FusedLinear(nn.Module):
+    """Several linears over the same input as one kernel call; `sizes` split its output."""
+
+    def __init__(self, kernel: Callable[..., Tensor], bias: Tensor | None, sizes: list[int], impl: str) -> None:
+        super().__init__()
+        self.kernel, self.sizes, self.impl = kernel, sizes, impl
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.kernel(x, self.bias)  # (..., sum(sizes))
+
+
+def fuse(linears: list[nn.Module]) -> nn.Module | None:
+    """`linears` (same input) as one module whose output is theirs concatenated, or None where
+    they cannot be fused: dense linears of one dtype (weights concatenated) or quantized linears
+    whose kernels `kernels.dispatch.fuse_kernels` joins. Biases must be all present or all absent."""
+    from infq.kernels import dispatch
+
+    biases = [getattr(lin, "bias", None) for lin in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases if b is not None])
+    sizes = [int(lin.out_features) for lin in linears]
+    if all(type(lin) is DenseLinear for lin in linears):
+        weights = [lin.weight for lin in linears]
+        if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
+            return None
+        return DenseLinear(torch.cat([w.detach() for w in weights]), bias)
+    if all(type(lin) is QuantLinear for lin in linears):
+        kernel = dispatch.fuse_kernels([lin.kernel for lin in linears])
+        if kernel is None:
+            return None
+        return FusedLinear(kernel, bias, sizes, kernel.name)  # type: ignore[attr-defined]
+    return None
+
+
 ROW_CHUNK_BYTES = 4 << 20  # weight rows converted to the compute dtype per product
 
 

@@ -147,6 +147,8 @@ def _load_gguf(path: Path, dtype: str, device: str, resident: bool, tokenizer: b
     blocks = any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in gguf.reader.tensors)
     net = DecoderModel(cfg, GGUFWeights(gguf), dtype=resolve_dtype(dtype, dev, cfg, serving and blocks), device=dev,
                        resident=resident)
+    if serving:
+        net.fuse_projections()
     return LoadedModel(net, gguf.tokenizer() if tokenizer else None, cfg, path, "gguf")
 
 
@@ -233,6 +235,8 @@ def load_model(
     dev = torch.device(device)
     int_packed = serving and (fmt in ("gptq", "awq") or (fmt == "compressed-tensors" and not _is_float_ct(hf_config)))
     net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg, int_packed), device=dev, resident=resident)
+    if serving:
+        net.fuse_projections()  # q/k/v and gate/up as one kernel call each
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(net, tok, cfg, path, fmt)
 

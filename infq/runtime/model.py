@@ -126,13 +126,41 @@ class Block(nn.Module):
         # When set, the MLP runs this many tokens at a time: its (tokens, intermediate) transients
         # stay small (the calibration driver's statistics passes, next to a large Hessian).
         self.mlp_tokens: int | None = None
+        # Serving only (`fuse_projections`): q/k/v and gate/up as one linear each, split after.
+        self.fused = nn.ModuleDict()
+        self.fused_sizes: dict[str, list[int]] = {}
+
+    def fuse_projections(self) -> list[str]:
+        """Join q/k/v and gate/up into one linear each where their kernels allow (see
+        `runtime.linear.fuse`), dropping the separate ones: fewer, longer kernel calls per token.
+        For serving: per-linear hooks (the calibration driver's) no longer see q/k/v or gate/up.
+        -> the groups fused."""
+        from infq.runtime.linear import fuse
+
+        done = []
+        for group, roles in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+            if group in self.fused or not all(r in self.linears for r in roles):
+                continue
+            joined = fuse([self.linears[r] for r in roles])
+            if joined is None:
+                continue
+            self.fused[group] = joined
+            self.fused_sizes[group] = [int(self.linears[r].out_features) for r in roles]
+            for r in roles:
+                del self.linears[r]
+            done.append(group)
+        return done
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | PagedCache | None = None) -> Tensor:
         cfg, lin = self.cfg, self.linears
         B, T, _ = x.shape
-        q = lin["q"](x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = lin["k"](x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        v = lin["v"](x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        if "qkv" in self.fused:
+            q, k, v = self.fused["qkv"](x).split(self.fused_sizes["qkv"], -1)
+        else:
+            q, k, v = lin["q"](x), lin["k"](x), lin["v"](x)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -163,7 +191,7 @@ class Block(nn.Module):
 
     def mlp(self, x: Tensor) -> Tensor:
         lin = self.linears
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and "gate_up" not in self.fused:
             return lin["down"](F.silu(lin["gate"](x)) * lin["up"](x))
         tokens = x.numel() // x.shape[-1]
         if self.mlp_tokens is None or tokens <= self.mlp_tokens:
@@ -180,6 +208,9 @@ class Block(nn.Module):
 
     def _mlp(self, x: Tensor) -> Tensor:
         lin = self.linears
+        if "gate_up" in self.fused:
+            gate, up = self.fused["gate_up"](x).split(self.fused_sizes["gate_up"], -1)
+            return lin["down"](F.silu(gate).mul_(up))
         g = F.silu(lin["gate"](x), inplace=True)  # (…, F) one buffer for the activation and the product
         return lin["down"](g.mul_(lin["up"](x)))
 
@@ -224,6 +255,12 @@ class DecoderModel(nn.Module):
     def _param(self, name: str) -> nn.Parameter:
         t = self.source.tensor(name).to(self.device, self.dtype)
         return nn.Parameter(t, requires_grad=False)
+
+    def fuse_projections(self) -> None:
+        """Serving: fuse every resident block's q/k/v and gate/up linears (`Block.fuse_projections`)."""
+        if self.resident:
+            for block in self.blocks:
+                block.fuse_projections()
 
     def load_block(self, i: int) -> Block:
         """Build block `i` from the weight source (used on demand when not resident)."""
