@@ -16,9 +16,9 @@ written to calib.txt joined as infq joins it; --calib-chunks chunks of 512 token
 128 x 512 tokens); llama-quantize to each type with and without that imatrix (wall time of each
 encode); llama-perplexity (ctx 512) on each eval text: WikiText-2 test (/work/shared/data) and the
 demo corpus's evaluation split (demo_eval.txt); then `infq eval --protocol llamacpp` on llama.cpp's
-files (does infq score llama.cpp's file as llama.cpp does?). Part `infq`: `infq quantize --method
-kquant --type T` with llama.cpp's imatrix file (the same imatrix data) and with --no-imatrix, the
-same evals with infq and with llama-perplexity on infq's file. Sizes are file bytes; bpw is
+files of the `--crosscheck` types (does infq score llama.cpp's file as llama.cpp does?). Part `infq`:
+`infq quantize --method kquant --type T` with llama.cpp's imatrix file (the same imatrix data) and
+with --no-imatrix, llama-perplexity on infq's file, and infq eval too for the `--crosscheck` types. Sizes are file bytes; bpw is
 llama.cpp's (tensor bytes x 8 / parameters, from `infq inspect`). --chunks limits every perplexity
 run to its first N chunks (0 = all: 1013 for WikiText-2). Rows of the part not run are kept from
 the existing results file. Writes bench/results/gguf_llamacpp.json.
@@ -54,8 +54,11 @@ def run(cmd: list[Any], timeout: float = 3600) -> tuple[str, float]:
 
 def llama_ppl(bin_dir: Path, model: Path, text: Path, chunks: int, threads: int) -> dict[str, Any]:
     cmd = [bin_dir / "llama-perplexity", "-m", model, "-f", text, "-c", 512, "-t", threads]
-    log, wall = run(cmd + (["--chunks", chunks] if chunks else []))
-    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    for _ in range(2):  # a run has once ended (exit 0) before printing its final line: run it again
+        log, wall = run(cmd + (["--chunks", chunks] if chunks else []))
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+        if m is not None:
+            break
     n = re.search(r"calculating perplexity over (\d+) chunks", log)
     if m is None:
         raise RuntimeError(f"no perplexity in llama-perplexity's output: {log[-1500:]}")
@@ -147,7 +150,7 @@ def part_infq(root: Path, work: Path, eval_texts: dict[str, Path], args: argpars
             q = infq("quantize", "--method", "kquant", "--type", t, *flags, "--out", out, "--force")
             rows.append({"tool": "infq", "type": t, "imatrix": with_im, "encode_s": q["wall_s"],
                          "quantize_seconds": q["seconds"], "encode_seconds": q.get("encode_seconds"), **size_row(out),
-                         "eval": evals(bin_dir, out, eval_texts, args, infq_too=True)})
+                         "eval": evals(bin_dir, out, eval_texts, args, infq_too=t in args.crosscheck)})
             print(f"infq {t} imatrix={with_im}: {rows[-1]['bytes']} bytes, {rows[-1]['bpw']} bpw, "
                   f"{q['wall_s']:.2f} s", flush=True)
     return {"rows": rows}
@@ -158,7 +161,7 @@ def main() -> None:
     p.add_argument("--only", default="all", choices=("all", "llamacpp", "infq"))
     p.add_argument("--types", default=TYPES)
     p.add_argument("--crosscheck", default="F16,Q8_0,Q4_K_M,Q2_K",
-                   help="llama.cpp files that infq eval scores too (the 'same perplexity?' check)")
+                   help="types whose files (llama.cpp's and infq's) infq eval scores too (the 'same perplexity?' check)")
     p.add_argument("--chunks", type=int, default=0, help="perplexity chunks per run (0 = all)")
     p.add_argument("--calib-chunks", type=int, default=128)
     p.add_argument("--eval", default="wikitext2,demo")

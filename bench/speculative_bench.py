@@ -1,8 +1,14 @@
-"""Speculative decoding on the demo model: acceptance, tokens per target step, wall-clock speedup.
+"""Speculative decoding on the demo model (or `--model`): acceptance, tokens per target step, wall-clock speedup.
 
     python bench/speculative_bench.py                       # CPU, drafts: ngram, RTN 3/2-bit, GPTQ 3-bit
     python bench/speculative_bench.py --device cuda --dtype bfloat16 --name cuda
     python bench/speculative_bench.py --quick               # one rep, 24 tokens, to check that it runs
+    python bench/padded_demo.py /tmp/p1b && python bench/speculative_bench.py --model /tmp/p1b \
+        --dtype bfloat16 --drafts ngram,rtn3 --draft-dtypes auto --name padded1b   # a 1B model's costs
+
+`--model` sets the target (default the demo). bench/padded_demo.py writes the demo embedded in
+TinyLlama-1.1B's shape: the demo's predictions (so the same acceptance) at a memory-bound 1B model's
+cost per token, where a draft quantized to 3 bits reads a fifth of the target's bf16 bytes.
 
 Quantized-self drafts are made here with `infq quantize` (RTN 3- and 2-bit g128, GPTQ 3-bit g128
 on the demo calibration split; `q3km`, llama.cpp's Q3_K_M mix as GGUF, also accepted by --drafts);
@@ -31,16 +37,17 @@ DRAFTS = {"rtn3": ["--method", "rtn", "--bits", "3"], "rtn2": ["--method", "rtn"
 PROSE = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
 
 
-def make_drafts(names: list[str], work: Path) -> dict[str, str]:
+def make_drafts(names: list[str], work: Path, model: str = "demo") -> dict[str, str]:
     out = {}
+    stem = Path(model).name
     for name in names:
         if name == "ngram":
             out[name] = "ngram"
             continue
-        path = work / (f"demo-{name}.gguf" if DRAFTS[name][1] == "kquant" else f"demo-{name}")
+        path = work / (f"{stem}-{name}.gguf" if DRAFTS[name][1] == "kquant" else f"{stem}-{name}")
         if not path.exists():
             start = time.perf_counter()
-            infq("quantize", "--model", "demo", *DRAFTS[name], "--out", path, "--force")
+            infq("quantize", "--model", model, *DRAFTS[name], "--out", path, "--force")
             print(f"draft {name}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
         out[name] = str(path)
     return out
@@ -48,6 +55,7 @@ def make_drafts(names: list[str], work: Path) -> dict[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo", help="the target (default the demo; see bench/padded_demo.py)")
     p.add_argument("--drafts", default="ngram,rtn3,gptq3,rtn2")
     p.add_argument("--num-draft", default="4", help="K, or auto")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,8 +80,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     reps, tokens = (1, 24) if args.quick else (args.reps, args.max_new_tokens)
     work = Path(args.work or tempfile.mkdtemp(prefix="infq-spec-"))
-    drafts = make_drafts(args.drafts.split(","), work)
-    target = load_model("demo", dtype=args.dtype, device=args.device)
+    drafts = make_drafts(args.drafts.split(","), work, args.model)
+    target = load_model(args.model, dtype=args.dtype, device=args.device, serving=True)
     sets = {"code": CODE_PROMPTS, "prose": text_prompts(args.prose_file)}
     config = EngineConfig(kv_memory=64 * 2**20)
     rows, overall = [], {}
@@ -86,7 +94,7 @@ def main() -> None:
             rows += [{**row, "draft": label, "draft_dtype": ddt} for row in r.pop("rows")]
             overall[label] = r
     out = write(f"speculative{'_' + args.name if args.name else ''}.json", {
-        "model": "demo", "device": args.device, "dtype": str(target.model.dtype), "num_draft": args.num_draft,
+        "model": args.model, "device": args.device, "dtype": str(target.model.dtype), "num_draft": args.num_draft,
         "max_new_tokens": tokens, "reps": reps, "greedy": True, "prompt_sets": sets, "overall": overall, "rows": rows})
     print(f"wrote {out}")
 

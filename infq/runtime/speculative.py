@@ -39,6 +39,7 @@ from infq.runtime.sampling import SamplingParams, probs
 from infq.runtime.scheduler import Request
 
 MAX_AUTO_K = 8
+PROBE_EVERY = 8  # auto K at 0: a request still drafts one token every this many steps, to keep measuring
 
 
 # -- the acceptance rule ----------------------------------------------------------------------------
@@ -109,8 +110,9 @@ def expected_tokens(a: float, k: int) -> float:
 
 
 def choose_k(a: float, c: float, k_max: int = MAX_AUTO_K) -> int:
-    """K in 1..k_max maximising expected tokens per unit of time, 1 + K c."""
-    return max(range(1, k_max + 1), key=lambda k: expected_tokens(a, k) / (1 + k * c))
+    """K in 0..k_max maximising expected tokens per unit of time, 1 + K c; 0 (plain decoding, one
+    token per step) when no draft length beats it."""
+    return max(range(k_max + 1), key=lambda k: expected_tokens(a, k) / (1 + k * c))
 
 
 # -- proposers --------------------------------------------------------------------------------------
@@ -297,6 +299,7 @@ class Speculator:
         self.stats = SpecStats()
         self.pending: dict[Any, _Pending] = {}
         self.per_request: dict[Any, list[int]] = {}  # request id -> [drafted, accepted]
+        self.idle_steps: dict[Any, int] = {}  # request id -> steps auto K chose 0 for
         self.cost = _CostModel()
         self._proposed_at: float | None = None  # when this step's drafts were ready (times the target's pass)
 
@@ -307,7 +310,12 @@ class Speculator:
         drafted, accepted = self.per_request.get(req.request_id, (0, 0))
         glob = self.stats.accepted / self.stats.drafted if self.stats.drafted else 0.6
         a = (accepted + 2 * glob) / (drafted + 2)  # shrunk towards the global rate
-        return max(0, min(choose_k(min(a, 0.99), self.cost.ratio()), room))
+        k = choose_k(min(a, 0.99), self.cost.ratio())
+        if k == 0:  # speculation does not pay now: decode plainly, but probe now and then
+            idle = self.idle_steps.get(req.request_id, 0) + 1
+            self.idle_steps[req.request_id] = idle
+            k = 0 if idle % PROBE_EVERY else 1
+        return max(0, min(k, room))
 
     def propose(self, engine: Any) -> None:
         self._drop_pending(engine)
@@ -316,6 +324,10 @@ class Speculator:
         if not reqs:
             return
         ks = [self._k(r) for r in reqs]
+        if not any(ks):  # nobody drafts this step (auto K at 0, or no room left)
+            for req in reqs:
+                req.spec_token_ids = []
+            return
         sampling = [(engine.tracks[r.request_id].params, engine.tracks[r.request_id].generator) for r in reqs]
         start = time.perf_counter()
         proposals = self.proposer.propose(reqs, ks, sampling)
@@ -371,6 +383,8 @@ class Speculator:
         self.proposer.retain(running)
         for rid in [r for r in self.per_request if r not in engine.scheduler.requests]:
             del self.per_request[rid]
+        for rid in [r for r in self.idle_steps if r not in engine.scheduler.requests]:
+            del self.idle_steps[rid]
 
     def _drop_pending(self, engine: Any) -> None:
         """Drafts the scheduler did not run this step (no budget left, or preempted): forget them."""
