@@ -8,16 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from clitools import invoke
 from typer.testing import CliRunner
 
 from infq import __version__
 from infq.cli.app import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("sub", [None, "quantize", "eval", "run", "inspect"])
@@ -144,7 +139,6 @@ def test_quantize_json_and_bad_inputs(tmp_path, tiny_model, text_file):
 def test_error_lines_keep_square_brackets():
     """Errors are printed through rich: text like `infq[bench]` or a bad value in brackets must not
     be eaten as markup."""
-    from typer.testing import CliRunner
 
     r = CliRunner().invoke(app, ["quantize", "--method", "kquant", "--type", "Q9_K[x]", "--out", "unused"])
     assert r.exit_code == 2

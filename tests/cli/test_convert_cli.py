@@ -3,33 +3,13 @@ and eval / inspect / run on the AWQ and compressed-tensors checkpoints it writes
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
+from clitools import error_line, invoke, last_json
 
-from infq.cli.app import app
 from infq.quantizers.api import QuantizeRequest, quantize_model
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def last_json(result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_convert_help_does_not_import_torch():

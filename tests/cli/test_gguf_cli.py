@@ -8,35 +8,15 @@ half scored), on the same token ids; gguf-py's reader for the converted file's t
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import error_line, invoke, last_json
 from tinymodels import make_tiny_model
-from typer.testing import CliRunner
 
-from infq.cli.app import app
 from infq.formats.hf import demo_model_path
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def last_json(result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

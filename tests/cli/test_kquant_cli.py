@@ -13,10 +13,9 @@ import struct
 import numpy as np
 import pytest
 import torch
+from clitools import invoke
 from tinymodels import make_tiny_model
-from typer.testing import CliRunner
 
-from infq.cli.app import app
 from infq.formats.gguf import hf_name, permute_qk
 from infq.formats.hf import Checkpoint
 from infq.formats.imatrix import read_imatrix
@@ -25,13 +24,6 @@ from infq.quantizers.kquants import quantize_kquant
 from infq.quantizers.scheme import QuantConfig
 
 gguf = pytest.importorskip("gguf")
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("kq")

@@ -7,15 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
-from infq.cli.app import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from clitools import invoke
 
 
 def _objs(result):
