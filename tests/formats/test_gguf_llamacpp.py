@@ -30,8 +30,11 @@ def _run(*cmd: object) -> str:
 
 
 def _llama_ppl(model: Path, text: Path, ctx: int) -> float:
-    log = _run(BIN / "llama-perplexity", "-m", model, "-f", text, "-c", ctx, "-t", "2", "--no-warmup")
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+    for _ in range(3):  # llama-perplexity has ended (exit 0) before its last chunks and final line: rerun
+        log = _run(BIN / "llama-perplexity", "-m", model, "-f", text, "-c", ctx, "-t", "2", "--no-warmup")
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+        if m is not None:
+            break
     assert m is not None, log[-1500:]
     return float(m.group(1))
 
