@@ -107,35 +107,28 @@ def _code_steps(isc: torch.Tensor, x: torch.Tensor, lo: int, hi: int
     return L0, sgn, steps
 
 
-def _candidate_sums(isc: torch.Tensor, xq: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lo: int,
-                    hi: int, with_l: bool = True) -> torch.Tensor:
-    """Σw·L, Σw·L², Σw·x·L (float64) for every candidate's codes L = clamp(rint(isc * xq), lo, hi):
-    isc (M, C); xq, x, w (M, n) -> (M, 3, C); with_l False leaves out Σw·L -> (M, 2, C).
+def _candidate_sums(isc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Σw·L², Σw·x·L (float64) for every candidate's codes L = clamp(rint(isc * x), lo, hi):
+    isc (M, C); x, w (M, n) -> (M, 2, C).
 
     O(n + C) per row: the sums under candidate 0 plus a histogram of the steps over candidates,
     accumulated with a cumsum (see `_code_steps`).
     """
     M, C = isc.shape
-    L0, sgn, steps = _code_steps(isc, xq, lo, hi)
+    L0, sgn, steps = _code_steps(isc, x, lo, hi)
     w64, L64 = w.double(), L0.double()
     wx, wl = w64 * x.double(), w64 * L64
-    base = [(wl * L64).sum(-1), (wx * L64).sum(-1)]
-    if with_l:
-        base.insert(0, wl.sum(-1))
-    k = len(base)
-    hist = torch.zeros(k, M, C + 1, dtype=torch.float64, device=x.device)
+    base = torch.stack([(wl * L64).sum(-1), (wx * L64).sum(-1)])  # (2, M)
+    hist = torch.zeros(2, M, C + 1, dtype=torch.float64, device=x.device)
     if steps:
         s64 = sgn.double()
         wxs, twols = wx * s64, wl.mul_(s64).mul_(2)
-        ws = w64 * s64 if with_l else None
         for j, c in enumerate(steps, 1):  # step j: L -> L0 + sgn*j, so L^2 grows by 2*sgn*L0 + 2j - 1
-            if with_l:
-                hist[0].scatter_add_(-1, c, ws)
-            hist[k - 2].scatter_add_(-1, c, twols.add(w64, alpha=2 * j - 1))
-            hist[k - 1].scatter_add_(-1, c, wxs)
-    sums = hist.cumsum_(-1)[..., :C]  # (k, M, C)
-    sums.add_(torch.stack(base)[..., None])
-    return sums.transpose(0, 1)  # (M, k, C)
+            hist[0].scatter_add_(-1, c, twols.add(w64, alpha=2 * j - 1))
+            hist[1].scatter_add_(-1, c, wxs)
+    sums = hist.cumsum_(-1)[..., :C]  # (2, M, C)
+    sums.add_(base[..., None])
+    return sums.transpose(0, 1)  # (M, 2, C)
 
 
 def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None, search: bool = True
@@ -157,8 +150,7 @@ def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None, search: bool = T
     steps = torch.arange(-9, 10, dtype=torch.float32, device=x.device)  # ascending: monotone inverse scales
     # -(nmax + 0.1f*is) / max, in float32 as upstream; zero rows get a harmless stand-in max
     isc = -(nmax + _f32([0.1], x) * steps) / torch.where(zero, 1.0, mx).reshape(-1, 1)  # (M, 19)
-    sums = _candidate_sums(isc, x.reshape(-1, n), x.reshape(-1, n), w.expand_as(x).reshape(-1, n), -nmax, nmax - 1,
-                           with_l=False)
+    sums = _candidate_sums(isc, x.reshape(-1, n), w.expand_as(x).reshape(-1, n), -nmax, nmax - 1)
     suml2, sumlx = sums[:, 0], sums[:, 1]  # (M, 19)
     gain = torch.where(suml2 > 0, sumlx * sumlx / suml2, 0.0)
     # the first best in upstream's candidate order 0, -9..-1, 1..9: argmax gives the first best by
