@@ -232,9 +232,12 @@ class Int4PackKernel:
         self.perm, self.group, self.n, self.planes, self.dtype = aff.perm, g, n, len(planes), dtype
         self._op = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload, looked up once
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.packed, self.sz))
+        self._plain = aff.perm is None and len(planes) == 1 and not pad  # x goes in and y comes out as they are
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         shape = x.shape
+        if self._plain and bias is None and x.dtype == self.dtype and x.is_contiguous():  # the decode hot path
+            return self._op(x.view(-1, shape[-1]), self.packed, self.group, self.sz).view(*shape[:-1], self.n)
         x2 = x.reshape(-1, shape[-1])  # (M, K)
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
@@ -278,6 +281,7 @@ def fuse_kernels(kernels: list[object]) -> object | None:
             first.planes, first.dtype
         fused._op = first._op
         fused.nbytes = sum(k.nbytes for k in ks)
+        fused._plain = first.planes == 1 and fused.packed.shape[0] == fused.n
         return fused
     if isinstance(first, Int8PackKernel):
         ks8 = [k for k in kernels if isinstance(k, Int8PackKernel)]

@@ -87,7 +87,8 @@ def write_kv_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_ma
         k_scale.view(nb * bs, -1)[slot_mapping] = ks
         v_scale.view(nb * bs, -1)[slot_mapping] = vs
     else:
-        kc[slot_mapping], vc[slot_mapping] = k.to(kc.dtype), v.to(vc.dtype)
+        kc.index_copy_(0, slot_mapping, k.to(kc.dtype))  # index_copy_: fewer dispatches than kc[slots] = k
+        vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
 
 
 def gather_kv_ref(cache: Tensor, block_table: Tensor, seq_len: int, scale: Tensor | None = None,

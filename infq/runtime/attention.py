@@ -17,7 +17,7 @@ the torch path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ class PagedBatch:
     prefill_kv_slots: Tensor  # (Nk,) int64: flat cache slots of their whole contexts, request after request
     cu_q_prefill: Tensor  # (P+1,) int32 offsets into prefill_tokens
     cu_k_prefill: Tensor  # (P+1,) int32 offsets into prefill_kv_slots
+    # Per-step values every layer shares (the torch backend's decode tables and masks), made once.
+    memo: dict = field(default_factory=dict)
 
 
 def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
@@ -109,19 +111,27 @@ class TorchAttention:
 
     def decode(self, kv: KVCache, layer: int, q: Tensor, batch: PagedBatch, window: int | None) -> Tensor:
         """q (Bd, H, D) for the decode rows -> (Bd, H, D)."""
-        bs = kv.block_size
-        lens = batch.seq_lens[batch.decode_rows].long()  # (Bd,)
-        nb = -(-batch.decode_max_len // bs)
-        tables = batch.block_tables[batch.decode_rows, :nb].clamp(min=0).long()  # (Bd, nb)
+        tables, mask = self._decode_meta(kv.block_size, batch, window)
         ks, vs = kv.scales(layer)
         k = _gather(kv.k[layer], ks, tables, q.dtype).transpose(1, 2)  # (Bd, Hkv, L, D)
         v = _gather(kv.v[layer], vs, tables, q.dtype).transpose(1, 2)
         bd, n_heads, d = q.shape
         hkv = k.shape[1]
         qg = q.view(bd, hkv, n_heads // hkv, d)  # (Bd, Hkv, rep, D): a kv head's queries side by side
-        mask = _key_mask(lens - 1, k.shape[2], window)[:, None, None, :]  # (Bd, 1, 1, L): j < len
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (Bd, Hkv, rep, D)
         return o.reshape(bd, n_heads, d)
+
+    @staticmethod
+    def _decode_meta(block_size: int, batch: PagedBatch, window: int | None) -> tuple[Tensor, Tensor]:
+        """The decode rows' block tables (Bd, nb) and key mask (Bd, 1, 1, L), once per step and window."""
+        key = ("decode", window)
+        if key not in batch.memo:
+            lens = batch.seq_lens[batch.decode_rows].long()  # (Bd,)
+            nb = -(-batch.decode_max_len // block_size)
+            tables = batch.block_tables[batch.decode_rows, :nb].clamp(min=0).long()  # (Bd, nb)
+            mask = _key_mask(lens - 1, nb * block_size, window)[:, None, None, :]  # j < len (and in window)
+            batch.memo[key] = tables, mask
+        return batch.memo[key]
 
     def prefill_all(self, kv: KVCache, layer: int, q: Tensor, batch: PagedBatch, window: int | None,
                     out: Tensor) -> None:

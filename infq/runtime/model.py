@@ -32,16 +32,16 @@ class WeightSource(Protocol):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm computed in fp32 and cast back, as transformers does."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """RMSNorm computed in fp32 and cast back, as transformers does (`F.rms_norm` is one call for
+    its x * rsqrt(mean(x²) + eps): the same values, bit for bit, in fewer dispatches)."""
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Neox rotary on x (…, heads, d) with `Rope`'s tables (…, d) (sin's first half negated):
+    x cos + rotate_half(x) sin, where rotate_half(x) sin = roll(x, d/2) · (-sin₁, sin₂) exactly."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (…, 1, d): one row for every head
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Rope:
@@ -52,7 +52,8 @@ class Rope:
         self.inv_freq = _inv_freq(cfg, cfg.rope_theta)  # (head_dim/2,)
 
     def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape (B, T, head_dim) for integer positions (B, T)."""
+        """cos, sin of shape (B, T, head_dim) for integer positions (B, T), sin with its first half
+        negated: what `rotate` takes (x cos + roll(x, d/2) sin, one pass for q and k)."""
         inv_freq = self.inv_freq
         cfg = self.cfg
         if cfg.rope_type == "dynamic":
@@ -65,7 +66,8 @@ class Rope:
                 inv_freq = _inv_freq(cfg, base, scale=False)
         freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (B, T, d): rotate_half's sign folded in
+        return emb.cos().to(dtype), sin.to(dtype)
 
 
 def _inv_freq(cfg: ModelConfig, base: float, scale: bool = True) -> Tensor:
@@ -154,20 +156,21 @@ class Block(nn.Module):
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | PagedCache | None = None) -> Tensor:
         cfg, lin = self.cfg, self.linears
         B, T, _ = x.shape
-        if "qkv" in self.fused:
-            q, k, v = self.fused["qkv"](x).split(self.fused_sizes["qkv"], -1)
+        H, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if "qkv" in self.fused:  # q and k side by side in one output: rotated in one pass
+            qkv = self.fused["qkv"](x)  # (B, T, (H + 2 Hkv) d)
+            qk = rotate(qkv[..., : (H + Hkv) * d].view(B, T, H + Hkv, d), cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, d), (B, T, Hkv, d)
+            v = qkv[..., (H + Hkv) * d :].view(B, T, Hkv, d)
         else:
-            q, k, v = lin["q"](x), lin["k"](x), lin["v"](x)
-        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+            q = rotate(lin["q"](x).view(B, T, H, d), cos, sin)
+            k = rotate(lin["k"](x).view(B, T, Hkv, d), cos, sin)
+            v = lin["v"](x).view(B, T, Hkv, d)
         if cache is not None and not isinstance(cache, LayerCache):
             # The paged path (runtime.attention.PagedLayer): B = 1, T = every token of the step.
-            out = cache.attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), self.window)
-            return lin["o"](out.reshape(B, T, cfg.num_heads * cfg.head_dim))  # (N, H, d) -> (1, N, C)
+            out = cache.attend(q[0], k[0], v[0], self.window)
+            return lin["o"](out.reshape(B, T, H * d))  # (N, H, d) -> (1, N, C)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         past = 0
         if cache is not None:
             past = cache.length
