@@ -16,7 +16,7 @@ HF transformers' `generate` runs the same fp32 (and bf16) model in the same run:
 (N - 1) / (t(N) - t(1)). llama.cpp (if /work/peers/llamacpp/READY exists): its convert_hf_to_gguf.py
 to f16, llama-quantize to Q8_0 and Q4_K_M, and `llama-bench -p 0 -n TOKENS -t THREADS`.
 The int4 row of the large model is also profiled (torch.profiler, self CPU time per op per token).
-Writes bench/results/cpu_decode.json and prints a summary. Timings only mean something on an idle
+Writes bench/results/cpu_decode.json (or `--out NAME`) and prints a summary. Timings only mean something on an idle
 machine.
 """
 
@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-llamacpp", action="store_true")
+    p.add_argument("--out", default="cpu_decode.json", help="results file name under bench/results/")
     args = p.parse_args()
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
@@ -244,7 +245,7 @@ def main() -> None:
             results[name] = {"parameters": params, "rows": bench_model(name, path, work, args)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = write("cpu_decode.json", {
+    out = write(args.out, {
         "setup": {"batch": 1, "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": args.threads,
                   "random_model": {"shape": "TinyLlama-1.1B", "layers": args.layers}, "quantizer": "infq rtn",
                   "note": "timings from a machine shared with other jobs are indicative only"},

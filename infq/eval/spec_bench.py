@@ -5,7 +5,10 @@ For a prompt set, the same prompts run plainly and with the speculator, one prom
 run counts, which discounts interference from other processes). Reported per row: acceptance rate,
 tokens per target step, mean drafts per step, the formula (1 - a^(K+1)) / (1 - a) at the measured
 a and K, the draft's cost per pass relative to a plain step (c), wall-clock speedup, and for
-greedy decoding whether the outputs equal plain decoding's (they must). `CODE_PROMPTS` are short
+greedy decoding whether the outputs equal plain decoding's (they must, up to the rounding of
+kernels whose results depend on the number of rows: where they differ, `greedy_divergences` gives
+the logit gap at the first differing token, and batched rows say whether plain decoding itself
+gave the same tokens alone and batched). `CODE_PROMPTS` are short
 repetitive Python snippets; `text_prompts` cuts prompts from a local text file (e.g. wikitext).
 `compare_with_plain` is what `infq run --draft` reports after its run.
 """
@@ -103,8 +106,29 @@ def compare(target: Any, engine_config: Any, speculator: Callable[[Any], Any], p
     if passes:  # seconds of one draft pass over a plain step (both from the timed runs' engines)
         row["draft_cost_ratio"] = (row["draft_seconds"] / passes) / (plain_s / max(plain_steps, 1))
     if params.temperature == 0:
+        row["plain_outputs"] = plain_out  # bench_draft compares batch 1 with batched plain decoding
         row["matches_plain"] = spec_out == plain_out
+        row["prompts_matching"] = sum(a == b for a, b in zip(spec_out, plain_out, strict=True))
+        row["greedy_divergences"] = divergences(target.model, ids, plain_out, spec_out)
     return row
+
+
+def divergences(model: Any, prompts: list[list[int]], plain: list[list[int]], spec: list[list[int]]) -> list[dict]:
+    """Where speculative greedy output leaves plain greedy output: per differing prompt, the first
+    differing position, both tokens, and the gap between their logits in a third pass (the whole
+    prefix at once). A gap at the scale of the compute dtype's rounding marks a near-tie that the
+    (K+1)-token verification rounded the other way; a large gap would be a bug."""
+    import torch
+
+    out = []
+    for i, (p, a, b) in enumerate(zip(prompts, plain, spec, strict=True)):
+        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if j is None:
+            continue
+        logits = model(torch.tensor([p + a[:j]]))[0, -1].float()  # (V,) after the common prefix
+        out.append({"prompt": i, "position": j, "plain_token": a[j], "speculative_token": b[j],
+                    "logit_gap": float(logits[a[j]] - logits[b[j]]), "top_logit": float(logits.max())})
+    return out
 
 
 def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, prompt_sets: dict[str, Sequence[str]],
@@ -124,6 +148,9 @@ def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, pro
             rows.append(row)
             if progress is not None:
                 progress(row)
+        plain = [r.pop("plain_outputs", None) for r in rows[-2:]]
+        if plain[0] is not None:  # is the target's own greedy output the same alone and batched?
+            rows[-1]["plain_matches_batch_1"] = plain[0] == plain[1]
     drafted = sum(r["drafted_tokens"] for r in rows)
     steps = sum(r["target_steps"] for r in rows)
     emitted = sum(r["tokens_per_target_step"] * r["target_steps"] for r in rows)

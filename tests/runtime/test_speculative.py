@@ -527,3 +527,20 @@ def _load_cached(path: str):
     if path not in _LOADED:
         _LOADED[path] = load_model(path, tokenizer=False).model
     return _LOADED[path]
+
+
+def test_divergences_name_the_first_differing_token_and_its_logit_gap():
+    from infq.eval.spec_bench import divergences
+
+    seen = []
+
+    def model(ids: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, T, V): fixed last-position logits
+        seen.append(ids[0].tolist())
+        logits = torch.zeros(1, ids.shape[1], 5)
+        logits[0, -1] = torch.tensor([0.0, 1.0, 0.75, 0.0, -2.0])
+        return logits
+
+    out = divergences(model, [[1, 2], [3]], [[4, 1, 1], [2, 2]], [[4, 2, 1], [2, 2]])
+    assert seen == [[1, 2, 4]]  # only the differing prompt, up to the common prefix
+    assert out == [{"prompt": 0, "position": 1, "plain_token": 1, "speculative_token": 2,
+                    "logit_gap": 0.25, "top_logit": 1.0}]
