@@ -71,13 +71,13 @@ def main() -> None:
     rows = []
     for name, (n, k) in shapes.items():
         w = head if name == "lm_head" else layers[0][name]
-        hot = best_of(lambda: OP(xs[k], w[0], GROUP, w[1]), 200)
+        hot = best_of(lambda x=xs[k], w=w: OP(x, w[0], GROUP, w[1]), 200)
         rows.append({"linear": name, "n": n, "k": k, "hot_us": round(hot * 1e6, 1),
                      "hot_gb_per_s": round(nbytes(w) / hot / 1e9, 1)})
 
     def token() -> None:
         for layer in layers:
-            for name, (n, k) in LINEARS.items():
+            for name, (_n, k) in LINEARS.items():
                 OP(xs[k], layer[name][0], GROUP, layer[name][1])
         OP(xs[HEAD[1]], head[0], GROUP, head[1])
 

@@ -122,7 +122,7 @@ def divergences(model: Any, prompts: list[list[int]], plain: list[list[int]], sp
 
     out = []
     for i, (p, a, b) in enumerate(zip(prompts, plain, spec, strict=True)):
-        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        j = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         if j is None:
             continue
         logits = model(torch.tensor([p + a[:j]]))[0, -1].float()  # (V,) after the common prefix
