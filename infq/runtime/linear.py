@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infq.kernels import dispatch
 from infq.quantizers.scheme import QuantizedTensor
 
 
@@ -33,7 +34,7 @@ class DenseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.weight.dtype == x.dtype:
-            return F.linear(x, self.weight, b)  # (..., out)
+            return dispatch.linear(x, self.weight, b)  # (..., out)
         return linear_by_rows(x, lambda rows: self.weight[rows].to(x.dtype), self.out_features, b)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infq.kernels import dispatch
 from infq.runtime.arch import ModelConfig
 
 
@@ -294,7 +295,7 @@ class DecoderModel(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         """Logits (…, V) from final-normed hidden states (…, C)."""
         if self.lm_head is None:
-            return F.linear(h, self.embed_weight)
+            return dispatch.linear(h, self.embed_weight)
         return self.lm_head(h)
 
     @torch.inference_mode()

@@ -223,3 +223,22 @@ def test_cuda_quant_linear(make, m: int) -> None:
     y = lin(x.cuda()).cpu()
     baseline = F.linear(x.cuda(), qt.dequantize().half().cuda()).cpu()
     assert_within_baseline(y, quant_linear_ref(x, qt), baseline)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (), (4,)])
+def test_dense_linear_one_row_path(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """`dispatch.linear` (ATen's GEMV for one half-precision row on CPU, F.linear otherwise): within
+    the bound of PyTorch's own F.linear against float64, and oneDNN left enabled, errors included."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 257, generator=g).to(dtype)  # odd sizes: no vector width divides them
+    b = torch.randn(300, generator=g).to(dtype)
+    x = torch.randn(*shape, 257, generator=g).to(dtype)
+    y = dispatch.linear(x, w, b)
+    oracle = F.linear(x.double(), w.double(), b.double())
+    assert y.dtype == dtype and y.shape == (*shape, 300)
+    assert_within_baseline(y, oracle, F.linear(x, w, b), floor_ulps=FLOOR_ULPS)
+    assert torch.backends.mkldnn.is_available() is False or torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError):
+        dispatch.linear(x[..., :5], w)  # a shape error inside the one-row path
+    assert torch.backends.mkldnn.is_available() is False or torch._C._get_mkldnn_enabled()
