@@ -1,0 +1,66 @@
+"""Dense CPU matmul at decode shapes: oneDNN vs ATen's own GEMV, bytes of weight streamed per second.
+
+Usage: python bench/dense_gemv.py [--threads 2] [--reps 10]
+
+For M = 1, 2, 4, 5, 8, 16 rows and bfloat16 / float16 / float32, times `F.linear` against twelve
+distinct 11264 x 2048 weights (TinyLlama-1.1B's fused gate/up; 550 MB in bf16, so nothing stays
+in the 32 MB L3) three ways: oneDNN enabled (PyTorch's default), oneDNN disabled (ATen's
+vectorized fp32-accumulating GEMV/GEMM, MKL for float32), and `infq.kernels.dispatch.linear`, the
+runtime's choice (ATen for one half-precision row, oneDNN otherwise). Reports GB/s of weight
+read (weight bytes / time). Writes bench/results/dense_gemv.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from common import write
+
+from infq.kernels import dispatch
+
+N, K, COPIES = 11264, 2048, 12
+
+
+def best_of(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ws = [torch.randn(N, K, dtype=torch.float32).to(dtype) for _ in range(COPIES)]
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        for m in (1, 2, 4, 5, 8, 16):
+            x = torch.randn(m, K).to(dtype)
+            res = {}
+            for name, fn, mkldnn in (("onednn", F.linear, True), ("aten", F.linear, False),
+                                     ("infq", dispatch.linear, True)):
+                torch._C._set_mkldnn_enabled(mkldnn)
+                try:
+                    res[name] = round(nbytes / best_of(lambda fn=fn: [fn(x, w) for w in ws], args.reps) / 1e9, 1)
+                finally:
+                    torch._C._set_mkldnn_enabled(True)
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "m": m, "gb_per_s": res})
+            print(f"{rows[-1]['dtype']:>8} M={m:<3} " + "  ".join(f"{k} {v:5.1f}" for k, v in res.items()) + " GB/s",
+                  flush=True)
+        del ws
+    print(write("dense_gemv.json", {"threads": args.threads, "n": N, "k": K, "copies": COPIES, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
