@@ -17,7 +17,8 @@ loops 14-35x slower than their bfloat16 ones on AVX-512 machines, so they are no
     and read against `[x, x]`: one call, one fp32 accumulation. Act-order (`g_idx` not sorted) permutes W's columns here and x's per call.
     Rows are padded to a multiple of 16 (the kernel's rule).
   * "dense" - everything else (Q2_K, Q3_K, Q6_K with their 16-wide sub-blocks, odd group sizes),
-    and every float32/float16 model: the weight dequantized once to the compute dtype and F.linear.
+    and every float32/float16 model: the weight dequantized once to the compute dtype and `linear`
+    (F.linear; a single bf16/fp16 row through ATen's GEMV rather than oneDNN, twice the bandwidth).
     In float32 this is exact (the reference decoder's values) but costs 4 bytes per weight.
 CUDA: the Triton dequant-GEMM (`kernels.dequant_gemm`, imported on first use) where it supports the
 scheme, else "dense" in the compute dtype. FP8 linears (runtime `Fp8Linear`) use the
