@@ -55,3 +55,15 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+def best_of(fn: Any, reps: int, rounds: int = 3) -> float:
+    """Seconds per call of `fn`: one warm-up call, then the fastest of `rounds` rounds of `reps` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best

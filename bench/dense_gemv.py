@@ -13,26 +13,14 @@ read (weight bytes / time). Writes bench/results/dense_gemv.json.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
-from common import write
+from common import best_of, write
 
 from infq.kernels import dispatch
 
 N, K, COPIES = 11264, 2048, 12
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best
 
 
 def main() -> None:
@@ -52,7 +40,7 @@ def main() -> None:
                                      ("infq", dispatch.linear, True)):
                 torch._C._set_mkldnn_enabled(mkldnn)
                 try:
-                    res[name] = round(nbytes / best_of(lambda fn=fn: [fn(x, w) for w in ws], args.reps) / 1e9, 1)
+                    res[name] = round(nbytes / best_of(lambda fn=fn, x=x, ws=ws: [fn(x, w) for w in ws], args.reps) / 1e9, 1)
                 finally:
                     torch._C._set_mkldnn_enabled(True)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "m": m, "gb_per_s": res})

@@ -19,10 +19,9 @@ Writes bench/results/int4_kernel_floor.json.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import write
+from common import best_of, write
 
 LINEARS = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
 LAYERS, HEAD, GROUP = 22, (32000, 2048), 128
@@ -38,17 +37,6 @@ def packed_linear(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, tor
 
 def nbytes(w: tuple[torch.Tensor, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in w)
-
-
-def best_of(fn, reps: int, rounds: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best
 
 
 def stream_bandwidth(size: int = 600 << 20) -> float:
