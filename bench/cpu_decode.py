@@ -1,6 +1,6 @@
 """CPU decode speed at batch 1: infq fp32 / bf16 / int8 / int4 vs HF transformers and llama.cpp.
 
-Usage: python bench/cpu_decode.py [--layers 22] [--tokens 128] [--threads 2] [--models demo,random]
+Usage: python bench/cpu_decode.py [--layers 22] [--tokens 128] [--threads 2] [--models demo,random] [--rounds 1]
                                   [--variants fp32,bf16,int8,int4-g128,int4-g32,int4-g128-head]
 
 Two models: the bundled demo model and a random-weight Llama in TinyLlama-1.1B's shape (built in a
@@ -144,27 +144,31 @@ def run_one(spec: dict) -> dict:
 
 # ------------------------------------------------------------------ llama.cpp
 
-def llamacpp(model: Path, work: Path, tokens: int, threads: int) -> list[dict]:
+def llamacpp_prepare(model: Path, work: Path, threads: int) -> list[tuple[str, Path]]:
+    """convert_hf_to_gguf.py to f16, then llama-quantize to Q8_0 and Q4_K_M: [(qtype, gguf path)]."""
     if not (LLAMACPP / "READY").exists():
         return []
     bin_dir = LLAMACPP / "build" / "bin"
     f16 = work / f"{model.name}-f16.gguf"
     subprocess.run([str(LLAMACPP / "convert_hf_to_gguf.sh"), str(model), "--outfile", str(f16), "--outtype", "f16"],
                    check=True, capture_output=True)
-    rows = []
+    out = []
     for qtype in ("Q8_0", "Q4_K_M"):
         gguf = work / f"{model.name}-{qtype}.gguf"
         subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(gguf), qtype, str(threads)],
                        check=True, capture_output=True)
-        out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(tokens),
-                              "-t", str(threads), "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
-        res = json.loads(out.stdout)[0]
-        rows.append({"variant": f"llama.cpp {qtype}", "tok_s": round(res["avg_ts"], 2),
-                     "stddev_tok_s": round(res["stddev_ts"], 2), "model_bytes": res["model_size"],
-                     "build": res["build_commit"]})
-        gguf.unlink()
+        out.append((qtype, gguf))
     f16.unlink()
-    return rows
+    return out
+
+
+def llamacpp_bench(gguf: Path, tokens: int, threads: int) -> dict:
+    out = subprocess.run([str(LLAMACPP / "build" / "bin" / "llama-bench"), "-m", str(gguf), "-p", "0",
+                          "-n", str(tokens), "-t", str(threads), "-r", "3", "-o", "json"],
+                         check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout)[0]
+    return {"tok_s": round(res["avg_ts"], 2), "stddev_tok_s": round(res["stddev_ts"], 2),
+            "model_bytes": res["model_size"], "build": res["build_commit"]}
 
 
 # ------------------------------------------------------------------ orchestration
@@ -179,36 +183,71 @@ def pad_vocab(path: Path, size: int) -> None:
     (path / "tokenizer.json").write_text(json.dumps(tok))
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return round((xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2, 2)
+
+
+def _merge(results: list[dict], keys: tuple[str, ...]) -> dict:
+    """One row from a measurement repeated over rounds: the median of each rate, every round's value."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    row = dict(ok[-1])
+    for k in keys:
+        if k in row:
+            row[k] = _median([r[k] for r in ok])
+            row[f"{k}_rounds"] = [r[k] for r in results if k in r]
+    return row
+
+
 def bench_model(name: str, path: Path, work: Path, args: argparse.Namespace) -> list[dict]:
-    rows = []
+    """Prepare every variant first, then run them all once per round, interleaved, so that a slow
+    spell of a shared machine hits every variant alike; report each rate's median over the rounds."""
     base = {"threads": args.threads, "tokens": args.tokens}
+    entries = []  # (label, kind, spec or gguf path)
     for variant in args.variants.split(","):
         qargs, dtype = VARIANTS[variant]
         model = path
         if qargs is not None:
             model = work / f"{name}-{variant}"
             infq("quantize", "--model", path, "--method", "rtn", *qargs, "--out", model, "--force", timeout=7200)
-        profile = name != "demo" and variant == "int4-g128"
-        res = run_one({**base, "kind": "infq", "path": str(model), "dtype": dtype, "profile": profile})
-        rows.append({"variant": f"infq {variant}", "dtype": dtype, **res})
-        print(f"  {name} infq {variant:15s} {_rate(res)}", flush=True)
-        if qargs is not None:
-            shutil.rmtree(model)
+        entries.append((f"infq {variant}", "run", {**base, "kind": "infq", "path": str(model), "dtype": dtype}))
     if not args.skip_hf:
         for dtype in ("float32", "bfloat16"):
-            res = run_one({**base, "kind": "hf", "path": str(path), "dtype": dtype})
-            rows.append({"variant": f"transformers {dtype}", "dtype": dtype, **res})
-            print(f"  {name} transformers {dtype}: {res.get('tok_s', res.get('error'))}", flush=True)
+            entries.append((f"transformers {dtype}", "run", {**base, "kind": "hf", "path": str(path), "dtype": dtype}))
     if not args.skip_llamacpp:
-        for row in llamacpp(path, work, args.tokens, args.threads):
-            rows.append(row)
-            print(f"  {name} {row['variant']}: {row['tok_s']} tok/s", flush=True)
+        for qtype, gguf in llamacpp_prepare(path, work, args.threads):
+            entries.append((f"llama.cpp {qtype}", "llamacpp", gguf))
+    measured: dict[str, list[dict]] = {label: [] for label, _, _ in entries}
+    for r in range(args.rounds):
+        for label, kind, spec in entries:
+            if kind == "llamacpp":
+                res = llamacpp_bench(spec, args.tokens, args.threads)
+            else:  # profile the large model's int4 row once, in the last round
+                profile = name != "demo" and label == "infq int4-g128" and r == args.rounds - 1
+                res = run_one({**spec, "profile": profile})
+            measured[label].append(res)
+            print(f"  [{r + 1}/{args.rounds}] {name} {label:26s} {_rate(res)}", flush=True)
+    rows = []
+    for label, kind, spec in entries:
+        row = {"variant": label, **_merge(measured[label], ("engine_tok_s", "loop_tok_s", "tok_s"))}
+        if kind == "run":
+            row = {"variant": label, "dtype": spec["dtype"], **{k: v for k, v in row.items() if k != "variant"}}
+        rows.append(row)
+    for _, kind, spec in entries:
+        if kind == "llamacpp":
+            spec.unlink()
+        elif spec["path"] != str(path):
+            shutil.rmtree(spec["path"], ignore_errors=True)
     return rows
 
 
 def _rate(res: dict) -> str:
     if "error" in res:
         return "error: " + res["error"].splitlines()[-1]
+    if "engine_tok_s" not in res:
+        return f"{res['tok_s']:8.2f} tok/s"
     return f"engine {res['engine_tok_s']:8.2f} tok/s, loop {res['loop_tok_s']:8.2f} tok/s ({', '.join(res['kernels'])})"
 
 
@@ -220,6 +259,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default="demo,random")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every variant this many times, interleaved; report medians")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--out", default="cpu_decode.json", help="results file name under bench/results/")
@@ -247,6 +288,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     out = write(args.out, {
         "setup": {"batch": 1, "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": args.threads,
+                  "rounds": args.rounds,
                   "random_model": {"shape": "TinyLlama-1.1B", "layers": args.layers}, "quantizer": "infq rtn",
                   "note": "timings from a machine shared with other jobs are indicative only"},
         "models": results,
