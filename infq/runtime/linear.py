@@ -18,20 +18,43 @@ from infq.quantizers.scheme import QuantizedTensor
 
 
 class DenseLinear(nn.Module):
+    """A plain (out, in) weight. `pack()` (serving on a CPU) swaps it for oneDNN's blocked copy
+    (`kernels.dispatch.onednn_pack`); the module then no longer has a `weight`."""
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # (out,)
+        self.shape = tuple(weight.shape)
+        self.packed: Tensor | None = None
+
+    @property
+    def impl(self) -> str:
+        return "dense-onednn" if self.packed is not None else "dense"
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.shape[0]
+
+    def pack(self) -> bool:
+        """Replace the weight by its oneDNN blocked copy where `onednn_pack` applies. -> whether it did."""
+        if self.packed is None:
+            self.packed = dispatch.onednn_pack(self.weight.detach())
+            if self.packed is not None:
+                self.dtype = self.weight.dtype
+                del self.weight
+        return self.packed is not None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            b = None if self.bias is None else self.bias.to(self.dtype)
+            if x.dtype == self.dtype:
+                return dispatch.packed_linear(x, self.packed, b)  # (..., out)
+            return dispatch.packed_linear(x.to(self.dtype), self.packed, b).to(x.dtype)
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.weight.dtype == x.dtype:
             return dispatch.linear(x, self.weight, b)  # (..., out)
@@ -100,6 +123,10 @@ class QuantLinear(nn.Module):
         qt = self.qt if self.qt is not None else self._reread()  # type: ignore[misc]
         return qt.dequantize(torch.float32)  # (out, in)
 
+    def pack(self) -> bool:
+        """Serving on a CPU: a dequantized-dense kernel moves to oneDNN's blocked layout."""
+        return bool(getattr(self.kernel, "pack", lambda: False)())
+
     def forward(self, x: Tensor) -> Tensor:
         return self.kernel(x, self.bias)  # (..., out)
 
@@ -111,6 +138,12 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.kernel, self.sizes, self.impl = kernel, sizes, impl
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def pack(self) -> bool:
+        if getattr(self.kernel, "pack", lambda: False)():
+            self.impl = self.kernel.name  # type: ignore[attr-defined]
+            return True
+        return False
 
     def forward(self, x: Tensor) -> Tensor:
         return self.kernel(x, self.bias)  # (..., sum(sizes))
@@ -128,6 +161,8 @@ def fuse(linears: list[nn.Module]) -> nn.Module | None:
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases if b is not None])
     sizes = [int(lin.out_features) for lin in linears]
     if all(type(lin) is DenseLinear for lin in linears):
+        if any(lin.packed is not None for lin in linears):  # fuse before packing
+            return None
         weights = [lin.weight for lin in linears]
         if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
             return None

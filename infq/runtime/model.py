@@ -266,6 +266,15 @@ class DecoderModel(nn.Module):
             for block in self.blocks:
                 block.fuse_projections()
 
+    def pack_weights(self) -> int:
+        """Serving on a CPU, after `fuse_projections`: every resident dense linear (and dequantized-
+        dense kernel, and an untied lm_head) moves its weight to oneDNN's blocked layout, reordered
+        once here instead of at every call (`kernels.dispatch.onednn_pack`; bfloat16 only).
+        A tied lm_head keeps the embedding's plain matrix. -> the number of linears packed."""
+        mods = [m for b in (self.blocks if self.resident else []) for m in [*b.linears.values(), *b.fused.values()]]
+        mods += [] if self.lm_head is None else [self.lm_head]
+        return sum(bool(m.pack()) for m in mods if hasattr(m, "pack"))
+
     def load_block(self, i: int) -> Block:
         """Build block `i` from the weight source (used on demand when not resident)."""
         return build_block(self.cfg, self.source, i, self.dtype, self.device)

@@ -242,3 +242,49 @@ def test_dense_linear_one_row_path(dtype: torch.dtype, shape: tuple[int, ...]) -
     with pytest.raises(RuntimeError):
         dispatch.linear(x[..., :5], w)  # a shape error inside the one-row path
     assert torch.backends.mkldnn.is_available() is False or torch._C._get_mkldnn_enabled()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (5,), (2, 3), (129,)])
+def test_onednn_packed_linear(shape: tuple[int, ...]) -> None:
+    """A weight reordered once by `onednn_pack` gives F.linear within the bound of PyTorch's own
+    F.linear against float64, for one row, a few rows and a prefill's worth, with and without
+    bias; float16 and float32 weights are not packed."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 257, generator=g).to(dtype)  # odd sizes: no vector width divides them
+    b = torch.randn(300, generator=g).to(dtype)
+    x = torch.randn(*shape, 257, generator=g).to(dtype)
+    packed = dispatch.onednn_pack(w)
+    if packed is None:
+        pytest.skip("this CPU's oneDNN has no bfloat16 linear")
+    for bias in (None, b):
+        y = dispatch.packed_linear(x, packed, bias)
+        oracle = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert y.dtype == dtype and y.shape == (*shape, 300)
+        assert_within_baseline(y, oracle, F.linear(x, w, bias), floor_ulps=FLOOR_ULPS)
+    xt = torch.randn(257, 4, generator=g).to(dtype).t()  # a non-contiguous input
+    assert_within_baseline(dispatch.packed_linear(xt, packed), F.linear(xt.double(), w.double()), F.linear(xt, w),
+                           floor_ulps=FLOOR_ULPS)
+    assert dispatch.onednn_pack(w.half()) is None and dispatch.onednn_pack(w.float()) is None
+
+
+def test_serving_packs_dense_weights(tmp_path) -> None:
+    """serving=True on a CPU in bfloat16: every dense linear and the untied lm_head hold oneDNN's
+    packed weight (and no plain copy), and the logits equal those of the unpacked model within
+    the bound of the unpacked bfloat16 model (oracle: the float32 model, whose error is orders of
+    magnitude below bfloat16's); eval loading (serving=False) keeps plain weights."""
+    path = make_tiny_model(tmp_path / "tiny", tie_word_embeddings=False)
+    plain = load_model(str(path), dtype="bfloat16", tokenizer=False).model
+    served = load_model(str(path), dtype="bfloat16", tokenizer=False, serving=True).model
+    probe = dispatch.onednn_pack(torch.zeros(16, 16, dtype=torch.bfloat16))
+    if probe is None:
+        pytest.skip("this CPU's oneDNN has no bfloat16 linear")
+    mods = [m for b in served.blocks for m in [*b.linears.values(), *b.fused.values()]] + [served.lm_head]
+    assert mods and all(isinstance(m, DenseLinear) and m.packed is not None and "weight" not in m._parameters
+                        for m in mods)
+    assert all(m.packed is None for b in plain.blocks for m in b.linears.values())
+    ids = torch.randint(0, served.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        oracle = load_model(str(path), dtype="float32", tokenizer=False).model(ids)
+        assert_within_baseline(served(ids), oracle, plain(ids), floor_ulps=FLOOR_ULPS)
