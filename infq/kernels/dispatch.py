@@ -18,7 +18,9 @@ loops 14-35x slower than their bfloat16 ones on AVX-512 machines, so they are no
     Rows are padded to a multiple of 16 (the kernel's rule).
   * "dense" - everything else (Q2_K, Q3_K, Q6_K with their 16-wide sub-blocks, odd group sizes),
     and every float32/float16 model: the weight dequantized once to the compute dtype and `linear`
-    (F.linear; a single bf16/fp16 row through ATen's GEMV rather than oneDNN, twice the bandwidth).
+    (F.linear; a single bf16/fp16 row through ATen's GEMV rather than oneDNN, twice the bandwidth on
+    an EPYC). Serving loads then call `DenseKernel.pack`: a bfloat16 weight is reordered once into
+    oneDNN's blocked layout (`onednn_pack`), which beats both at every M on a Xeon.
     In float32 this is exact (the reference decoder's values) but costs 4 bytes per weight.
 CUDA: the Triton dequant-GEMM (`kernels.dequant_gemm`, imported on first use) where it supports the
 scheme, else "dense" in the compute dtype. FP8 linears (runtime `Fp8Linear`) use the
