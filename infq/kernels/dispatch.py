@@ -191,9 +191,11 @@ def onednn_pack(w: Tensor) -> Tensor | None:
 
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear over a weight from `onednn_pack`; x (..., K) in the weight's dtype."""
-    return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), packed, bias,
-                                              "none", [], "")
+    """F.linear over a weight from `onednn_pack`, computed in the weight's dtype; y in x's dtype."""
+    dt = packed.dtype
+    y = torch.ops.mkldnn._linear_pointwise(x.to(dt).contiguous(), packed, None if bias is None else bias.to(dt),
+                                           "none", [], "")
+    return y if x.dtype == dt else y.to(x.dtype)  # (..., N)
 
 
 class DenseKernel:
@@ -211,15 +213,12 @@ class DenseKernel:
         if self.packed is None and self.weight is not None:
             self.packed = onednn_pack(self.weight)
             if self.packed is not None:
-                self.dtype, self.weight, self.name = self.weight.dtype, None, f"{self.name}-onednn"
+                self.weight, self.name = None, f"{self.name}-onednn"
         return self.packed is not None
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.packed is not None:
-            b = None if bias is None else bias.to(self.dtype)
-            if x.dtype == self.dtype:
-                return packed_linear(x, self.packed, b)  # (..., N)
-            return packed_linear(x.to(self.dtype), self.packed, b).to(x.dtype)
+            return packed_linear(x, self.packed, bias)  # (..., N)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return linear(x, w, None if bias is None else bias.to(x.dtype))  # (..., N)
 
@@ -349,9 +348,9 @@ def fuse_kernels(kernels: list[object]) -> object | None:
         return Int8PackKernel(torch.cat([k.codes for k in ks8]), torch.cat([k.scale for k in ks8]), first.dtype)
     if isinstance(first, DenseKernel):
         kd = [k for k in kernels if isinstance(k, DenseKernel)]
-        if any(k.weight.dtype != first.weight.dtype for k in kd):
-            return None
         if any(k.weight is None for k in kd):  # packed: fuse before packing
+            return None
+        if any(k.weight.dtype != first.weight.dtype for k in kd):
             return None
         fused_d = object.__new__(DenseKernel)
         fused_d.name, fused_d.weight, fused_d.packed = first.name, torch.cat([k.weight for k in kd]), None

@@ -45,16 +45,12 @@ class DenseLinear(nn.Module):
         if self.packed is None:
             self.packed = dispatch.onednn_pack(self.weight.detach())
             if self.packed is not None:
-                self.dtype = self.weight.dtype
                 del self.weight
         return self.packed is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
-            b = None if self.bias is None else self.bias.to(self.dtype)
-            if x.dtype == self.dtype:
-                return dispatch.packed_linear(x, self.packed, b)  # (..., out)
-            return dispatch.packed_linear(x.to(self.dtype), self.packed, b).to(x.dtype)
+            return dispatch.packed_linear(x, self.packed, self.bias)  # (..., out)
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.weight.dtype == x.dtype:
             return dispatch.linear(x, self.weight, b)  # (..., out)
