@@ -173,16 +173,19 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def onednn_pack(w: Tensor) -> Tensor | None:
-    """A bfloat16 `w` (N, K) reordered once into oneDNN's blocked layout for `packed_linear`, what
-    inductor's weight freezing does: given a plain bf16 weight, oneDNN reorders it at every call,
-    reading it about three times, and ATen's GEMV is compute-bound on some CPUs. bench/dense_gemv.py
-    on a 2-core Xeon that streams 26 GB/s, GB/s of weight read at M = 1 / 5 / 16: plain oneDNN
-    15.8 / 12.8 / 6.2, ATen 14.4 at M = 1, packed 23.3 / 18.8 / 8.7. Not float16 (no gain there)
-    nor float32: packed fp32 is 1.8-2x faster than MKL's SGEMM at M = 4-8, but its error against
-    float64 reaches 5x that of PyTorch's own fp32 F.linear, and float32 is where infq stays exact.
-    None where this does not apply (not a CPU tensor, not bfloat16, no oneDNN in this PyTorch, or
-    a oneDNN without a bf16 linear). The packed tensor is opaque: no indexing, no serialization."""
-    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or w.dim() != 2 or not torch.backends.mkldnn.is_available():
+    """A bfloat16 or float32 `w` (N, K) reordered once into oneDNN's blocked layout for
+    `packed_linear`, what inductor's weight freezing does: given a plain weight, oneDNN reorders it
+    at every call, and the unpacked kernels stream several rows far slower than one.
+    bench/dense_gemv.py on a 2-core Xeon that streams 26-31 GB/s, GB/s of weight read at M = 1 / 5 / 16:
+    bf16 plain oneDNN 15.8 / 12.8 / 6.2, ATen 14.4 at M = 1, packed 23.3 / 18.8 / 8.7; fp32 MKL
+    31.6 / 14.3 / 12.3, packed 31.4 / 25.1 / 15.8 (and 1.1-1.3x MKL's GFLOP/s at M = 32-512). Packed
+    fp32 sums in another order than MKL: its error against float64 is 2-4x MKL's (mean 4.3e-7 vs
+    1.7e-7 relative at K = 2048), within the a-priori bound of any fp32 dot product. Not float16
+    (no gain there). None where this does not apply (not a CPU tensor, another dtype, no oneDNN in
+    this PyTorch, or a oneDNN without a kernel for the dtype). The packed tensor is opaque: no
+    indexing, no serialization."""
+    if (w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32) or w.dim() != 2
+            or not torch.backends.mkldnn.is_available()):
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)

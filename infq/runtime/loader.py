@@ -238,7 +238,7 @@ def load_model(
     net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg, int_packed), device=dev, resident=resident)
     if serving:
         net.fuse_projections()  # q/k/v and gate/up as one kernel call each
-        net.pack_weights()  # bfloat16 dense weights on a CPU: oneDNN's layout, reordered once
+        net.pack_weights()  # bfloat16 and float32 dense weights on a CPU: oneDNN's layout, reordered once
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(net, tok, cfg, path, fmt)
 

@@ -269,7 +269,7 @@ class DecoderModel(nn.Module):
     def pack_weights(self) -> int:
         """Serving on a CPU, after `fuse_projections`: every resident dense linear (and dequantized-
         dense kernel, and an untied lm_head) moves its weight to oneDNN's blocked layout, reordered
-        once here instead of at every call (`kernels.dispatch.onednn_pack`; bfloat16 only).
+        once here instead of at every call (`kernels.dispatch.onednn_pack`; bfloat16 and float32).
         A tied lm_head keeps the embedding's plain matrix. -> the number of linears packed."""
         mods = [m for b in (self.blocks if self.resident else []) for m in [*b.linears.values(), *b.fused.values()]]
         mods += [] if self.lm_head is None else [self.lm_head]

@@ -26,6 +26,7 @@ from infq.quantizers.kquants import quantize as gguf_quantize
 from infq.quantizers.scheme import QuantizedTensor, QuantScheme
 from infq.runtime.linear import DenseLinear, DequantLinear, QuantLinear
 from infq.runtime.loader import load_model
+from infq.runtime.model import DecoderModel
 
 BF16 = torch.bfloat16
 FLOOR_ULPS = 0.25  # PyTorch's bfloat16 error is never 0 here; a small floor keeps the bound sharp
@@ -249,7 +250,7 @@ def test_dense_linear_one_row_path(dtype: torch.dtype, shape: tuple[int, ...]) -
 def test_onednn_packed_linear(shape: tuple[int, ...]) -> None:
     """A weight reordered once by `onednn_pack` gives F.linear within the bound of PyTorch's own
     F.linear against float64, for one row, a few rows and a prefill's worth, with and without
-    bias; float16 and float32 weights are not packed."""
+    bias; float16 weights are not packed (float32: `test_onednn_packed_linear_fp32`)."""
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(5)
     w = torch.randn(300, 257, generator=g).to(dtype)  # odd sizes: no vector width divides them
@@ -266,25 +267,59 @@ def test_onednn_packed_linear(shape: tuple[int, ...]) -> None:
     xt = torch.randn(257, 4, generator=g).to(dtype).t()  # a non-contiguous input
     assert_within_baseline(dispatch.packed_linear(xt, packed), F.linear(xt.double(), w.double()), F.linear(xt, w),
                            floor_ulps=FLOOR_ULPS)
-    assert dispatch.onednn_pack(w.half()) is None and dispatch.onednn_pack(w.float()) is None
+    assert dispatch.onednn_pack(w.half()) is None
 
 
-def test_serving_packs_dense_weights(tmp_path) -> None:
-    """serving=True on a CPU in bfloat16: every dense linear and the untied lm_head hold oneDNN's
-    packed weight (and no plain copy), and the logits equal those of the unpacked model within
-    the bound of the unpacked bfloat16 model (oracle: the float32 model, whose error is orders of
-    magnitude below bfloat16's); eval loading (serving=False) keeps plain weights."""
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 70])
+def test_onednn_packed_linear_fp32(rows: int) -> None:
+    """A float32 weight packed by `onednn_pack` gives F.linear within the a-priori error bound of
+    any float32 dot product, |y - y64| <= gamma_(K+1) * (|x| @ |w|^T + |b|) per element with
+    gamma_n = n u / (1 - n u), u = 2^-24 (Higham, Accuracy and Stability, 3.1), against float64;
+    a kernel that rounded through bfloat16 or tf32 anywhere would break it by orders of magnitude.
+    Its mean error stays within 8x MKL's (measured 2-4x: it sums in another order)."""
+    g = torch.Generator().manual_seed(6)
+    k = 1031  # odd: no vector width divides it
+    w = torch.randn(300, k, generator=g)
+    b = torch.randn(300, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    packed = dispatch.onednn_pack(w)
+    if packed is None:
+        pytest.skip("this CPU's oneDNN has no float32 linear")
+    u = 2.0 ** -24
+    gamma = (k + 1) * u / (1 - (k + 1) * u)
+    for bias in (None, b):
+        y = dispatch.packed_linear(x, packed, bias)
+        oracle = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        bound = gamma * F.linear(x.double().abs(), w.double().abs(), None if bias is None else bias.double().abs())
+        assert y.dtype == torch.float32 and y.shape == (rows, 300)
+        err = (y.double() - oracle).abs()
+        assert (err <= bound).all(), f"max error / bound {(err / bound).max():.3g}"
+        mkl = (F.linear(x, w, bias).double() - oracle).abs().mean()
+        assert err.mean() <= 8 * mkl, f"mean error {err.mean():.3g} vs MKL's {mkl:.3g}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_serving_packs_dense_weights(tmp_path, dtype: str) -> None:
+    """serving=True on a CPU in bfloat16 or float32: every dense linear and the untied lm_head hold
+    oneDNN's packed weight (and no plain copy), and the logits equal those of the unpacked model
+    within the bound of the unpacked model (oracle: for bfloat16 the float32 model, whose error is
+    orders of magnitude below bfloat16's; for float32 the same model built in float64); eval
+    loading (serving=False) keeps plain weights."""
     path = make_tiny_model(tmp_path / "tiny", tie_word_embeddings=False)
-    plain = load_model(str(path), dtype="bfloat16", tokenizer=False).model
-    served = load_model(str(path), dtype="bfloat16", tokenizer=False, serving=True).model
-    probe = dispatch.onednn_pack(torch.zeros(16, 16, dtype=torch.bfloat16))
+    plain = load_model(str(path), dtype=dtype, tokenizer=False).model
+    served = load_model(str(path), dtype=dtype, tokenizer=False, serving=True).model
+    probe = dispatch.onednn_pack(torch.zeros(16, 16, dtype=getattr(torch, dtype)))
     if probe is None:
-        pytest.skip("this CPU's oneDNN has no bfloat16 linear")
+        pytest.skip(f"this CPU's oneDNN has no {dtype} linear")
     mods = [m for b in served.blocks for m in [*b.linears.values(), *b.fused.values()]] + [served.lm_head]
     assert mods and all(isinstance(m, DenseLinear) and m.packed is not None and "weight" not in m._parameters
                         for m in mods)
     assert all(m.packed is None for b in plain.blocks for m in b.linears.values())
     ids = torch.randint(0, served.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        oracle = load_model(str(path), dtype="float32", tokenizer=False).model(ids)
-        assert_within_baseline(served(ids), oracle, plain(ids), floor_ulps=FLOOR_ULPS)
+        if dtype == "float32":
+            oracle = DecoderModel(plain.cfg, plain.source, dtype=torch.float64, device=torch.device("cpu"))(ids)
+            assert_within_baseline(served(ids), oracle, plain(ids))
+        else:
+            oracle = load_model(str(path), dtype="float32", tokenizer=False).model(ids)
+            assert_within_baseline(served(ids), oracle, plain(ids), floor_ulps=FLOOR_ULPS)
