@@ -12,7 +12,7 @@ cost per token, where a draft quantized to 3 bits reads a fifth of the target's 
 
 Quantized-self drafts are made here with `infq quantize` (RTN 3- and 2-bit g128, GPTQ 3-bit g128
 on the demo calibration split; `q3km`, llama.cpp's Q3_K_M mix as GGUF, also accepted by --drafts);
-`ngram` is prompt lookup. Prompt sets: `code`, eight short
+`ngram` is prompt lookup. Prompt sets (`--sets`, default both): `code`, eight short
 repetitive Python snippets (infq.eval.spec_bench.CODE_PROMPTS); `prose`, the first eight long
 lines of wikitext-2's test split (--prose-file), cut to ~300 characters. Each (draft, set) is run
 one prompt at a time (batch 1) and as one continuous batch, greedy, `--max-new-tokens` each with EOS
@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--prose-file", default=PROSE)
     p.add_argument("--work", default=None, help="where the draft checkpoints go (default: a temp dir)")
     p.add_argument("--name", default="", help="results file suffix: speculative_NAME.json")
+    p.add_argument("--sets", default="code,prose", help="prompt sets to run: code, prose or both")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     import torch
@@ -82,7 +83,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="infq-spec-"))
     drafts = make_drafts(args.drafts.split(","), work, args.model)
     target = load_model(args.model, dtype=args.dtype, device=args.device, serving=True)
-    sets = {"code": CODE_PROMPTS, "prose": text_prompts(args.prose_file)}
+    sets = {name: CODE_PROMPTS if name == "code" else text_prompts(args.prose_file) for name in args.sets.split(",")}
     config = EngineConfig(kv_memory=64 * 2**20)
     rows, overall = [], {}
     for name, draft in drafts.items():

@@ -1,0 +1,63 @@
+"""PyTorch's packed int4 / int8 CPU kernels at a few rows: one call vs the runtime's row split.
+
+Usage: python bench/int4_rows.py [--threads 2] [--reps 10] [--out int4_rows.json]
+
+`aten._weight_int4pack_mm_for_cpu` works in blocks of 4 rows, and a last partial block costs a
+whole one, while 1-3 rows alone take a cheaper path; `Int4PackKernel` therefore runs M = 4q + r
+rows (r > 0, q > 0) as two calls. This times, for M = 1..17 rows of bfloat16 against twelve
+distinct 11264 x 2048 int4 weights (TinyLlama-1.1B's fused gate/up, g128; 140 MB in all), the op
+called once on all M rows and the kernel's split, and checks they agree bit for bit; and, for
+reference, `aten._weight_int8pack_mm` called once (its steps are 8 rows wide, and splitting
+them would gain 1.1x at most, so the runtime does not).
+Writes bench/results/int4_rows.json (or `--out NAME`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import best_of, write
+
+from infq.kernels.dispatch import Int4PackKernel
+
+N, K, G, COPIES = 11264, 2048, 128, 12
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default="int4_rows.json", help="results file name under bench/results/")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    op4, op8 = torch.ops.aten._weight_int4pack_mm_for_cpu, torch.ops.aten._weight_int8pack_mm
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    packed = [pack(torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32), 2) for _ in range(COPIES)]
+    sz = torch.randn(K // G, N, 2, generator=g).to(torch.bfloat16)
+    int8 = [torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8) for _ in range(COPIES)]
+    s8 = torch.rand(N, generator=g).to(torch.bfloat16)
+    kernels = []
+    for w in packed:  # the runtime's kernel around each packed weight (its _mm does the split)
+        k = object.__new__(Int4PackKernel)
+        k.packed, k.group, k.sz, k._op = w, G, sz, op4.default
+        kernels.append(k)
+    rows = []
+    for m in range(1, 18):
+        x = torch.randn(m, K, generator=g).to(torch.bfloat16)
+        whole = best_of(lambda x=x: [op4(x, w, G, sz) for w in packed], args.reps)
+        split = best_of(lambda x=x: [k._mm(x) for k in kernels], args.reps)
+        same = all(torch.equal(op4(x, w, G, sz), k._mm(x)) for w, k in zip(packed, kernels, strict=True))
+        i8 = best_of(lambda x=x: [op8(x, w, s8) for w in int8], args.reps)
+        rows.append({"m": m, "int4_one_call_ms": round(whole / COPIES * 1e3, 3),
+                     "int4_split_ms": round(split / COPIES * 1e3, 3), "bit_identical": same,
+                     "int8_ms": round(i8 / COPIES * 1e3, 3)})
+        r = rows[-1]
+        print(f"M={m:<3} int4 one call {r['int4_one_call_ms']:.2f} ms, split {r['int4_split_ms']:.2f} ms "
+              f"({whole / split:.2f}x, identical {same}); int8 {r['int8_ms']:.2f} ms", flush=True)
+    print(write(args.out, {"threads": args.threads, "n": N, "k": K, "group": G, "copies": COPIES, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
