@@ -109,10 +109,22 @@ def expected_tokens(a: float, k: int) -> float:
     return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
-def choose_k(a: float, c: float, k_max: int = MAX_AUTO_K) -> int:
+def expected_tokens_at(rates: Sequence[float], k: int) -> float:
+    """Tokens per target step for k drafts whose j-th is accepted with probability rates[j] given
+    that all before it were (the last rate carries on past the end): 1 + sum_j prod_(i<=j) rates[i]."""
+    total, run = 1.0, 1.0
+    for j in range(k):
+        run *= rates[min(j, len(rates) - 1)]
+        total += run
+    return total
+
+
+def choose_k(a: float | Sequence[float], c: float, k_max: int = MAX_AUTO_K) -> int:
     """K in 0..k_max maximising expected tokens per unit of time, 1 + K c; 0 (plain decoding, one
-    token per step) when no draft length beats it."""
-    return max(range(k_max + 1), key=lambda k: expected_tokens(a, k) / (1 + k * c))
+    token per step) when no draft length beats it. `a`: one acceptance rate (i.i.d. positions), or
+    the conditional rate of each draft position (`expected_tokens_at`)."""
+    rates = [a] if isinstance(a, float | int) else list(a)
+    return max(range(k_max + 1), key=lambda k: expected_tokens_at(rates, k) / (1 + k * c))
 
 
 # -- proposers --------------------------------------------------------------------------------------
@@ -198,6 +210,9 @@ class DraftModelProposer:
         self.kv = KVCache(model.cfg, num_blocks, block_size, model.dtype, model.device)
         self.backend = select_backend(model.device)
         self.seqs: dict[Any, _DraftSeq] = {}
+        # The last `propose`: seconds of each pass, and the most tokens one sequence fed into its first.
+        self.pass_seconds: list[float] = []
+        self.catch_up = 0
 
     def propose(self, reqs: list[Request], ks: list[int], sampling: list[tuple[SamplingParams, Any]]) -> list[Proposal]:
         out = [Proposal([]) for _ in reqs]
@@ -213,6 +228,8 @@ class DraftModelProposer:
             live.append((i, k, seq))
         feed = {i: reqs[i].token_ids[seq.computed:] for i, _, seq in live}
         qs: dict[int, list[Tensor]] = {i: [] for i, _, _ in live}
+        self.pass_seconds, self.catch_up = [], max((len(f) for f in feed.values()), default=0)
+        start = time.perf_counter()
         for step in range(max((k for _, k, _ in live), default=0)):
             batch = [(i, seq) for i, k, seq in live if k > step]
             logits = self._forward([feed[i] for i, _ in batch], [seq for _, seq in batch])  # (B, V)
@@ -227,6 +244,9 @@ class DraftModelProposer:
                     qs[i].append(q)
                 out[i].tokens.append(token)
                 feed[i] = [token]
+            now = time.perf_counter()  # after int(...) has waited for the pass's logits
+            self.pass_seconds.append(now - start)
+            start = now
         for i, _, _ in live:  # each sequence now caches its tokens and its first k - 1 drafts
             if qs[i]:
                 out[i].q = torch.stack(qs[i])  # (k, V)
@@ -300,6 +320,7 @@ class Speculator:
         self.pending: dict[Any, _Pending] = {}
         self.per_request: dict[Any, list[int]] = {}  # request id -> [drafted, accepted]
         self.idle_steps: dict[Any, int] = {}  # request id -> steps auto K chose 0 for
+        self.positions = [[0, 0] for _ in range(MAX_AUTO_K)]  # draft position -> [reached, accepted]
         self.cost = _CostModel()
         self._proposed_at: float | None = None  # when this step's drafts were ready (times the target's pass)
 
@@ -310,12 +331,25 @@ class Speculator:
         drafted, accepted = self.per_request.get(req.request_id, (0, 0))
         glob = self.stats.accepted / self.stats.drafted if self.stats.drafted else 0.6
         a = (accepted + 2 * glob) / (drafted + 2)  # shrunk towards the global rate
-        k = choose_k(min(a, 0.99), self.cost.ratio())
+        k = choose_k(self._position_rates(a, glob), self.cost.ratio())
         if k == 0:  # speculation does not pay now: decode plainly, but probe now and then
             idle = self.idle_steps.get(req.request_id, 0) + 1
             self.idle_steps[req.request_id] = idle
             k = 0 if idle % PROBE_EVERY else 1
         return max(0, min(k, room))
+
+    def _position_rates(self, a: float, glob: float) -> list[float]:
+        """Auto K's acceptance per draft position, given that every earlier draft was accepted.
+        Acceptances come in runs (a draft that gets one token right tends to get the next ones
+        right), so the conditional rate grows along the draft and the i.i.d. formula undervalues
+        long drafts: measured over all requests (each shrunk towards the global rate; a position
+        never reached takes the rate of the one before it), scaled by this request's rate `a`
+        over the global one."""
+        rates, prev = [], glob
+        for tested, accepted in self.positions:
+            prev = (accepted + 2 * glob) / (tested + 2) if tested else prev
+            rates.append(min(prev * a / glob if glob > 0 else a, 0.99))
+        return rates
 
     def propose(self, engine: Any) -> None:
         self._drop_pending(engine)
@@ -334,9 +368,18 @@ class Speculator:
         self._proposed_at = time.perf_counter()
         seconds = self._proposed_at - start
         self.stats.draft_seconds += seconds
-        passes = max((len(p.tokens) for p in proposals), default=0) if isinstance(self.proposer, DraftModelProposer) else 0
-        self.stats.draft_passes += passes
-        self.cost.draft(seconds, passes)
+        if isinstance(self.proposer, DraftModelProposer):
+            times = self.proposer.pass_seconds
+            self.stats.draft_passes += len(times)
+            # What one more draft token costs: a one-token pass. The first pass also catches up on
+            # the tokens the draft has not seen (a new request's whole prompt, or the last draft
+            # and the bonus token after a full acceptance): kept out unless it fed one token.
+            if len(times) > 1:
+                self.cost.draft(sum(times[1:]), len(times) - 1)
+            elif times and self.proposer.catch_up == 1:
+                self.cost.draft(times[0], 1)
+        else:
+            self.cost.draft(seconds, 0)  # prompt lookup: the whole proposal counts as one pass
         for req, prop in zip(reqs, proposals, strict=True):
             req.spec_token_ids = list(prop.tokens)
             self.pending[req.request_id] = _Pending(req.num_tokens, prop.q)
@@ -376,6 +419,9 @@ class Speculator:
         mine = self.per_request.setdefault(rid, [0, 0])
         mine[0] += drafted
         mine[1] += accepted
+        for j in range(min(accepted + 1, drafted, MAX_AUTO_K)):  # positions the verification reached
+            self.positions[j][0] += 1
+            self.positions[j][1] += j < accepted
 
     def after_step(self, engine: Any, sched: Any) -> None:
         self._drop_pending(engine)

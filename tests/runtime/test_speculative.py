@@ -29,9 +29,11 @@ from infq.runtime.speculative import (
     DraftModelProposer,
     NgramProposer,
     Speculator,
+    build_speculator,
     check_draft,
     choose_k,
     expected_tokens,
+    expected_tokens_at,
     lookup,
     verify_greedy,
     verify_sampled,
@@ -140,6 +142,47 @@ def test_greedy_rule_lookup_and_auto_k():
     assert choose_k(0.95, 0.0) == 8 and choose_k(0.1, 0.5) == 0 and choose_k(0.8, 1.1) == 0
     best = max(range(1, 9), key=lambda kk: (1 - 0.7 ** (kk + 1)) / 0.3 / (1 + 0.2 * kk))
     assert choose_k(0.7, 0.2) == best
+
+
+def test_auto_k_values_runs_of_acceptances():
+    """Per-position conditional rates: equal rates give the i.i.d. formula; acceptances in runs
+    (a first draft accepted 0.8 of the time, later ones 0.95 given the earlier ones were) make
+    long drafts pay where the i.i.d. formula at the same overall rate stops early."""
+    for k in range(6):
+        assert expected_tokens_at([0.7], k) == pytest.approx(expected_tokens(0.7, k))
+    rates = [0.8] + [0.95] * 7
+    assert expected_tokens_at(rates, 3) == pytest.approx(1 + 0.8 + 0.8 * 0.95 + 0.8 * 0.95**2)
+    # the overall acceptance rate of 8-token drafts under these rates (accepted / drafted)
+    reach = [0.8 * 0.95**j for j in range(8)]
+    overall = sum(reach) / 8
+    assert choose_k(rates, 0.3) >= 6 and choose_k(overall, 0.3) <= 3
+
+
+def test_auto_k_cost_model_skips_catch_up_passes(models):
+    """The draft's per-token cost comes from its one-token passes: the first pass of a proposal,
+    which also catches up on the tokens the draft has not seen (a new request's whole prompt),
+    enters it only when it fed a single token."""
+    target = load_model(str(models["target"]), serving=True)
+    engine = Engine(target.model, EngineConfig(kv_memory=8 * 2**20))
+    spec = build_speculator(engine, target, str(models["other"]), "auto")
+    engine.speculator = spec
+    calls = []
+    orig = spec.cost.draft
+
+    def record(seconds: float, passes: int) -> None:
+        calls.append((passes, list(spec.proposer.pass_seconds), spec.proposer.catch_up, seconds))
+        orig(seconds, passes)
+
+    spec.cost.draft = record
+    engine.generate([list(range(3, 40))], max_tokens=12, ignore_eos=True)
+    assert calls and calls[0][2] == 38  # the first proposal fed the prompt and the first generated token
+    for passes, times, catch_up, seconds in calls:
+        assert passes >= 1 and all(t > 0 for t in times)
+        if catch_up > 1 or len(times) > 1:  # the first pass left out
+            assert passes == len(times) - 1 and seconds == pytest.approx(sum(times[1:]))
+        else:
+            assert passes == 1 and seconds == pytest.approx(times[0])
+
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -431,13 +474,13 @@ class _Clock:
 
 
 class _SlowDraft(DraftModelProposer):
-    """The target as its own draft, made 10 s slower per proposal on `clock` (no real sleep)."""
+    """The target as its own draft, made 10 s slower per pass on `clock` (no real sleep)."""
 
     clock: _Clock
 
-    def propose(self, reqs, ks, sampling):
+    def _forward(self, feeds, seqs):
         self.clock.offset += 10.0
-        return super().propose(reqs, ks, sampling)
+        return super()._forward(feeds, seqs)
 
 
 class _Oracle(NgramProposer):
