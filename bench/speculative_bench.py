@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--work", default=None, help="where the draft checkpoints go (default: a temp dir)")
     p.add_argument("--name", default="", help="results file suffix: speculative_NAME.json")
     p.add_argument("--sets", default="code,prose", help="prompt sets to run: code, prose or both")
+    p.add_argument("--draft-prefill", choices=("target", "own"), default="target",
+                   help="a draft laid out as the target takes the target's prompt K/V (default), or prefills itself")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     import torch
@@ -91,11 +93,12 @@ def main() -> None:
             ddt = args.dtype if ddt == "auto" else ddt
             label = name if ddt == args.dtype else f"{name}-{ddt}"
             r = bench_draft(target, config, draft, args.num_draft, sets, tokens, reps, ddt, args.device,
-                            progress=lambda row, n=label: _line(n, row))
+                            progress=lambda row, n=label: _line(n, row), share_kv=args.draft_prefill == "target")
             rows += [{**row, "draft": label, "draft_dtype": ddt} for row in r.pop("rows")]
             overall[label] = r
     out = write(f"speculative{'_' + args.name if args.name else ''}.json", {
         "model": args.model, "device": args.device, "dtype": str(target.model.dtype), "num_draft": args.num_draft,
+        "draft_prefill": args.draft_prefill,
         "max_new_tokens": tokens, "reps": reps, "greedy": True, "prompt_sets": sets, "overall": overall, "rows": rows})
     print(f"wrote {out}")
 

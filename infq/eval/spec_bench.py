@@ -133,16 +133,18 @@ def divergences(model: Any, prompts: list[list[int]], plain: list[list[int]], sp
 
 def bench_draft(target: Any, engine_config: Any, draft: str, num_draft: str, prompt_sets: dict[str, Sequence[str]],
                 max_tokens: int = 64, reps: int = 3, dtype: str = "auto", device: str = "cpu",
-                progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[dict[str, Any]], None] | None = None, share_kv: bool = True) -> dict[str, Any]:
     """`infq bench --draft`: `compare` for every prompt set, batch 1 and batched; the top-level
     figures pool all rows (acceptance = accepted / drafted, tokens per target step = tokens /
-    verifications, speedup = plain seconds / speculative seconds). `dtype` is the draft's."""
+    verifications, speedup = plain seconds / speculative seconds). `dtype` is the draft's;
+    `share_kv`: see `build_speculator`."""
     from infq.runtime.speculative import build_speculator
 
     rows = []
     for name, prompts in prompt_sets.items():
         for batched in (False, True):
-            row = compare(target, engine_config, lambda e: build_speculator(e, target, draft, num_draft, dtype, device),
+            row = compare(target, engine_config,
+                          lambda e: build_speculator(e, target, draft, num_draft, dtype, device, share_kv),
                           prompts, max_tokens, batched, reps=reps)
             row["prompt_set"] = name
             rows.append(row)

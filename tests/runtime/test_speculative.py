@@ -164,7 +164,7 @@ def test_auto_k_cost_model_skips_catch_up_passes(models):
     enters it only when it fed a single token."""
     target = load_model(str(models["target"]), serving=True)
     engine = Engine(target.model, EngineConfig(kv_memory=8 * 2**20))
-    spec = build_speculator(engine, target, str(models["other"]), "auto")
+    spec = build_speculator(engine, target, str(models["other"]), "auto", share_kv=False)
     engine.speculator = spec
     calls = []
     orig = spec.cost.draft
@@ -587,3 +587,54 @@ def test_divergences_name_the_first_differing_token_and_its_logit_gap():
     assert seen == [[1, 2, 4]]  # only the differing prompt, up to the common prefix
     assert out == [{"prompt": 0, "position": 1, "plain_token": 1, "speculative_token": 2,
                     "logit_gap": 0.25, "top_logit": 1.0}]
+
+
+# -- the draft reads the target's prompt K/V -------------------------------------------------------
+def test_shared_prompt_kv_equals_the_drafts_own_prefill(models):
+    """The target as its own draft (float32): the prompt K/V copied from the target's cache equal,
+    within float32 rounding, what the draft's own prefill writes (oracle: that prefill); with them
+    the draft proposes the target's own greedy continuation (acceptance 1.0), the output equals
+    plain decoding, batched and not, and no block of either pool leaks."""
+    target = load_model(str(models["target"]), tokenizer=False).model
+    config = EngineConfig(kv_memory=2**20)
+    plain = _generate(Engine(target, config), PROMPTS, 12)
+    caches = {}
+    for share in (False, True):
+        engine = Engine(target, config)
+        proposer = DraftModelProposer(target, engine.pool.num_blocks, 16, target_kv=engine.kv if share else None)
+        engine.speculator = Speculator(proposer, 3)
+        assert (proposer.target_kv is not None) == share
+        engine.add_request(PROMPTS[3], None, 10, ignore_eos=True)
+        engine.step()  # the target's prefill
+        engine.step()  # the first proposal: the draft's prefill, or the copy
+        seq = next(iter(proposer.seqs.values()))
+        n = len(PROMPTS[3])
+        caches[share] = [torch.cat([t[b] for b in seq.table])[:n] for t in proposer.kv.k + proposer.kv.v]
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.speculator.report()["acceptance_rate"] == 1.0
+        for batched in (False, True):
+            assert _generate(engine, PROMPTS, 12, batched=batched, check=True) == plain
+        assert engine.speculator.report()["acceptance_rate"] == 1.0
+        assert engine.pool.num_free == engine.pool.num_blocks and proposer.pool.num_free == proposer.pool.num_blocks
+    for own, copied in zip(caches[False], caches[True], strict=True):
+        torch.testing.assert_close(copied, own, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_kv_only_where_the_layouts_match(models, tmp_path):
+    """build_speculator shares the target's K/V with a draft of the same layout (a quantized copy,
+    here an unrelated model of the same shape), not with one of another depth, nor from a
+    quantized (int8) target cache; outputs equal plain decoding either way."""
+    from infq.runtime.speculative import shares_kv_layout
+
+    target = load_model(str(models["target"]), serving=True)
+    shallow = make_tiny_model(tmp_path / "shallow", seed=3, num_hidden_layers=1)
+    assert not shares_kv_layout(load_model(str(shallow), tokenizer=False).config, target.config)
+    for draft, kv_dtype, shared in ((models["other"], "auto", True), (shallow, "auto", False),
+                                    (models["other"], "int8", False)):
+        config = EngineConfig(kv_memory=2**20, kv_dtype=kv_dtype)
+        plain = _generate(Engine(target.model, config), PROMPTS, 10)
+        engine = Engine(target.model, config)
+        engine.speculator = build_speculator(engine, target, str(draft), "3")
+        assert (engine.speculator.proposer.target_kv is not None) == shared
+        assert _generate(engine, PROMPTS, 10, check=True) == plain
