@@ -27,9 +27,14 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
+        wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):  # the same CPU model has come with and without avx512_bf16
+                flags = set(line.split(":", 1)[1].split())
+                info["cpu_flags"] = [f for f in wanted if f in flags]
+            if "cpu" in info and "cpu_flags" in info:
                 break
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["memory_gib"] = round(int(mem) / 2**20, 1)
