@@ -19,7 +19,8 @@ import argparse
 import torch
 from common import best_of, write
 
-from infq.kernels.dispatch import Int4PackKernel
+from infq.kernels import dispatch
+from infq.quantizers.scheme import QuantizedTensor, QuantScheme
 
 N, K, G, COPIES = 11264, 2048, 128, 12
 
@@ -33,22 +34,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     op4, op8 = torch.ops.aten._weight_int4pack_mm_for_cpu, torch.ops.aten._weight_int8pack_mm
-    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    packed = [pack(torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32), 2) for _ in range(COPIES)]
-    sz = torch.randn(K // G, N, 2, generator=g).to(torch.bfloat16)
+    kernels = []  # the runtime's kernels (their _mm does the split), from random symmetric 4-bit g128 weights
+    for _ in range(COPIES):
+        codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+        scales = (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).half()
+        zeros = torch.full((N, K // G), 8, dtype=torch.int32)
+        g_idx = (torch.arange(K) // G).to(torch.int32)
+        qt = QuantizedTensor(codes, scales, zeros, g_idx, QuantScheme(4, G, True), (N, K))
+        kernels.append(dispatch.prepare(qt, "cpu", torch.bfloat16))
+    assert all(k.name == "int4pack" and k._plain for k in kernels)
+    packed, sz = [k.packed for k in kernels], [k.sz for k in kernels]
     int8 = [torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8) for _ in range(COPIES)]
     s8 = torch.rand(N, generator=g).to(torch.bfloat16)
-    kernels = []
-    for w in packed:  # the runtime's kernel around each packed weight (its _mm does the split)
-        k = object.__new__(Int4PackKernel)
-        k.packed, k.group, k.sz, k._op = w, G, sz, op4.default
-        kernels.append(k)
     rows = []
     for m in range(1, 18):
         x = torch.randn(m, K, generator=g).to(torch.bfloat16)
-        whole = best_of(lambda x=x: [op4(x, w, G, sz) for w in packed], args.reps)
+        whole = best_of(lambda x=x: [op4(x, w, G, z) for w, z in zip(packed, sz, strict=True)], args.reps)
         split = best_of(lambda x=x: [k._mm(x) for k in kernels], args.reps)
-        same = all(torch.equal(op4(x, w, G, sz), k._mm(x)) for w, k in zip(packed, kernels, strict=True))
+        same = all(torch.equal(op4(x, k.packed, G, k.sz), k._mm(x)) for k in kernels)
         i8 = best_of(lambda x=x: [op8(x, w, s8) for w in int8], args.reps)
         rows.append({"m": m, "int4_one_call_ms": round(whole / COPIES * 1e3, 3),
                      "int4_split_ms": round(split / COPIES * 1e3, 3), "bit_identical": same,

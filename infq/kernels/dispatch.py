@@ -299,8 +299,8 @@ class Int4PackKernel:
         """The op over (M, K) rows. ATen's kernel works in blocks of 4 rows and a last partial
         block costs a whole one, while 1-3 rows alone take a cheaper path: so M = 4q + r, r > 0,
         runs as 4q rows and r rows, two calls with the same per-row results (bench/int4_rows.py on
-        the Xeon, 11264 x 2048: M = 5 in 2.19 ms instead of 2.72, M = 6 2.38 vs 2.71, M = 9 3.49
-        vs 4.05; bit-identical, tests/kernels/test_dispatch.py)."""
+        the Xeon, 11264 x 2048: M = 5 in 2.17 ms instead of 2.66, M = 6 2.34 vs 2.67, M = 9 3.43
+        vs 4.00; bit-identical, tests/kernels/test_dispatch.py)."""
         m = x2.shape[0]
         q = m & ~3
         if q == 0 or q == m:
