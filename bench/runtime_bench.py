@@ -40,6 +40,7 @@ def settings(gptq_dir: Path) -> dict[str, list[str]]:
     if torch.cuda.is_available():
         big = ["--batch-sizes", "1,2,4,8,16,32,64,128", "--requests", "256", "--rate", "200", *WORKLOAD]
         out["cuda_bf16"] = ["demo", "--device", "cuda", "--dtype", "bfloat16", *big]
+        out["cuda_bf16_graphs"] = ["demo", "--device", "cuda", "--dtype", "bfloat16", "--cuda-graphs", "--no-hf", *big]
         out["cuda_fp16_kv_fp8"] = ["demo", "--device", "cuda", "--dtype", "float16", "--kv-dtype", "fp8", "--no-hf",
                                    *big]
     return out

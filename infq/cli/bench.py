@@ -41,6 +41,7 @@ def bench(
     block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most (workload)."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (workload)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay decode steps as CUDA graphs (captured per batch-size bucket on first use; cuts launch overhead on a GPU)."),
     chart: str = typer.Option("infq-bench.png", "--chart", help="PNG of tokens/s vs batch size ('' for none)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: fp32, or bf16 for integer-quantized weights; GPU: the checkpoint's half type), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -60,6 +61,8 @@ def bench(
         from infq.runtime.kv_cache import parse_memory
         from infq.runtime.loader import load_model
 
+        if cuda_graphs and not device.startswith("cuda"):
+            raise InfqError("--cuda-graphs needs --device cuda (CUDA graphs replay GPU work; drop the flag on a CPU)")
         plens, olens = _ints(prompt_lens, "--prompt-lens"), _ints(output_lens, "--output-lens")
         if len(plens) != 2 or len(olens) != 2:
             raise InfqError("--prompt-lens and --output-lens take LO:HI, e.g. 16:128")
@@ -67,7 +70,8 @@ def bench(
                           workload_kv_seqs, system_len, hf=not no_hf, workload=not no_workload,
                           prefix=not no_prefix, seed=seed)
         ecfg = EngineConfig(block_size=block_size, kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
-                            kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens)
+                            kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
+                            cuda_graphs=cuda_graphs)
         console = stderr_console()
         if draft is not None:
             _bench_draft(model, ecfg, draft, num_draft, spec_prompts, gen_len, dtype, draft_dtype or dtype, device,

@@ -31,6 +31,7 @@ def run(
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (prefill chunk budget)."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn automatic prefix caching off."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay decode steps as CUDA graphs (captured per batch-size bucket on first use; cuts launch overhead on a GPU)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: fp32, or bf16 for integer-quantized weights; GPU: the checkpoint's half type), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     draft: str = typer.Option(None, "--draft", help="Speculative decoding: a draft checkpoint sharing the tokenizer, or 'ngram' (prompt lookup)."),
@@ -46,13 +47,15 @@ def run(
         from infq.runtime.kv_cache import parse_memory
         from infq.runtime.sampling import SamplingParams
 
+        if cuda_graphs and not device.startswith("cuda"):
+            raise InfqError("--cuda-graphs needs --device cuda (CUDA graphs replay GPU work; drop the flag on a CPU)")
         if (prompt is None) == (prompts_file is None):
             raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE")
         prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
         params = SamplingParams(temperature, top_k, top_p, seed)
         config = EngineConfig(block_size=block_size, kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
                               kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
-                              prefix_caching=not no_prefix_cache)
+                              prefix_caching=not no_prefix_cache, cuda_graphs=cuda_graphs)
         if max_new_tokens < 1:
             raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
         engine, loaded = open_engine(model, config, dtype, device)

@@ -69,10 +69,9 @@ def batch_sweep(model: Any, config: Any, batch_sizes: list[int], prompt_len: int
     Engine(model, replace(config, max_num_seqs=1)).generate(_prompts(1, 8, model.cfg.vocab_size, rng), max_tokens=4)
     for b in batch_sizes:
         ecfg = replace(config, max_num_seqs=b, max_num_batched_tokens=max(b * prompt_len, b), prefix_caching=False)
-        if model.device.type == "cuda":  # the kernels' autotuning for these shapes happens here, untimed
-            Engine(model, ecfg).generate(_prompts(b, prompt_len, model.cfg.vocab_size, rng), max_tokens=gen_len,
-                                         ignore_eos=True)
         eng = Engine(model, ecfg)
+        if model.device.type == "cuda":  # autotuning and graph capture for these shapes happen here, untimed
+            eng.generate(_prompts(b, prompt_len, model.cfg.vocab_size, rng), max_tokens=gen_len, ignore_eos=True)
         for p in _prompts(b, prompt_len, model.cfg.vocab_size, rng):
             eng.add_request(p, max_tokens=gen_len, ignore_eos=True)
         times = []
@@ -154,10 +153,19 @@ def make_workload(n: int, rate: float, prompt_lens: tuple[int, int], output_lens
     return items
 
 
-def run_workload(model: Any, config: Any, items: list[WorkItem]) -> dict[str, Any]:
-    """Replay `items` in real time through an engine; latency, throughput and KV statistics."""
+def run_workload(model: Any, config: Any, items: list[WorkItem], warm: bool | None = None) -> dict[str, Any]:
+    """Replay `items` in real time through an engine; latency, throughput and KV statistics.
+    `warm` (default: on CUDA) first runs the same requests untimed through another engine: the
+    Triton autotuners time their configs on the first call of each shape bucket (about a second
+    each), which must not land in one mode's timed run and not the other's."""
     from infq.runtime.engine import Engine
 
+    if model.device.type == "cuda" if warm is None else warm:
+        warm_engine = Engine(model, config)
+        for w in items:
+            warm_engine.add_request(w.prompt, max_tokens=w.max_tokens, ignore_eos=True)
+        for _ in warm_engine.stream():
+            pass
     eng = Engine(model, config)
     bs, max_len = config.block_size, model.cfg.max_position_embeddings
     pending = sorted(items, key=lambda w: w.arrival_s)
@@ -268,7 +276,8 @@ def bench(loaded: Any, engine_config: Any, cfg: BenchConfig, device: str,
         raise InfqError(f"--prompt-lens/--output-lens reach {cfg.prompt_lens[1] + cfg.output_lens[1]} tokens; "
                         f"the model holds {max_len}")
     out: dict[str, Any] = {"model": str(loaded.path), "format": loaded.format, "dtype": str(model.dtype).split(".")[-1],
-                           "device": device, "bench": {k: v for k, v in cfg.__dict__.items()}}
+                           "device": device, "bench": {k: v for k, v in cfg.__dict__.items()},
+                           "engine": {k: v for k, v in engine_config.__dict__.items()}}
     say("batch sweep")
     rows = batch_sweep(model, engine_config, list(cfg.batch_sizes), cfg.prompt_len, cfg.gen_len, cfg.seed)
     out["batch_sweep"] = rows

@@ -44,6 +44,7 @@ class EngineConfig:
     prefix_caching: bool = True
     static: bool = False  # static batching (the benchmark's baseline)
     attention: str = "auto"  # auto, torch, triton
+    cuda_graphs: bool = False  # decode steps replayed as CUDA graphs (runtime.graphs; eager padded off CUDA)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -105,9 +106,16 @@ class Engine:
             budget = min(full, AUTO_KV_CAP)
         num_blocks = blocks_for_budget(budget, cfg, c.block_size, storage)
         self.pool = BlockPool(num_blocks, c.block_size, c.prefix_caching)
-        self.kv = KVCache(cfg, num_blocks, c.block_size, storage, model.device)
+        # With decode graphs the cache has one block more than the pool: the padding rows' scratch block.
+        self.kv = KVCache(cfg, num_blocks + c.cuda_graphs, c.block_size, storage, model.device)
         self.scheduler = Scheduler(self.pool, self.max_model_len, c.max_num_batched_tokens, c.max_num_seqs, c.static)
         self.backend = select_backend(model.device, c.attention)
+        self.graphs = None
+        if c.cuda_graphs:
+            from infq.runtime.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.kv, self.backend, c.block_size, self.max_model_len,
+                                       c.max_num_seqs, num_blocks, capture=model.device.type == "cuda")
         self.tracks: dict[Any, _Track] = {}
         self._ids = itertools.count()
         self.steps = 0
@@ -187,6 +195,9 @@ class Engine:
             if s + n == req.num_tokens + len(spec):
                 rows.extend(range(len(ids) - 1 - len(spec), len(ids)))
                 sampling.append(req)
+        if (self.graphs is not None and not self.speculator and len(ids) == len(reqs) == len(sampling)
+                and len(reqs) <= self.graphs.max_batch):  # every request decodes one token: a graph step
+            return self._sample(self.graphs.run(ids, positions, [r.block_table for r in reqs]), sampling)
         dev = self.model.device
         batch = build_batch([r.block_table for r in reqs], [r.num_computed for r in reqs],
                             list(sched.num_tokens.values()), self.pool.block_size, dev)

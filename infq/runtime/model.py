@@ -51,6 +51,7 @@ class Rope:
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
         self.inv_freq = _inv_freq(cfg, cfg.rope_theta)  # (head_dim/2,)
+        self._on: dict[torch.device, Tensor] = {}  # inv_freq per device: no host copy per step (CUDA graphs)
 
     def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (B, T, head_dim) for integer positions (B, T), sin with its first half
@@ -65,6 +66,10 @@ class Rope:
                 d = cfg.head_dim
                 base = cfg.rope_theta * ((factor * seq_len / orig) - (factor - 1)) ** (d / (d - 2))
                 inv_freq = _inv_freq(cfg, base, scale=False)
+        if inv_freq is self.inv_freq:
+            if positions.device not in self._on:
+                self._on[positions.device] = inv_freq.to(positions.device)
+            inv_freq = self._on[positions.device]
         freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
         sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (B, T, d): rotate_half's sign folded in

@@ -65,9 +65,14 @@ def test_run_prompts_file_batches_and_reports_rejections(tmp_path):
     (("--prompt", "x", "--block-size", 0), ("--block-size",)),
     ((), ("--prompt",)),
     (("--prompts-file", "/nonexistent.txt"), ("no such file",)),
+    (("--prompt", "x", "--cuda-graphs"), ("--cuda-graphs", "--device cuda")),
 ])
 def test_run_bad_inputs(args, needles):
     _bad(invoke("run", "demo", *args), *needles)
+
+
+def test_bench_cuda_graphs_needs_cuda():
+    _bad(invoke("bench", "demo", "--cuda-graphs"), "--cuda-graphs", "--device cuda")
 
 
 def test_bench_json_small(tmp_path):

@@ -1,0 +1,66 @@
+"""Decode steps through `runtime.graphs.DecodeGraphs`' static, padded buffers (eager here; captured
+as CUDA graphs on a GPU, tests/runtime/test_engine_gpu.py): the engine's greedy outputs stay equal to
+transformers', batched, with chunked prefill, under preemption and with prefix caching; a padded
+step's logits equal the plain path's within fp32 rounding; the scratch block is never handed out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infq.runtime.engine import Engine, EngineConfig
+from infq.runtime.generate import eos_ids
+from infq.runtime.graphs import bucket_sizes
+from infq.runtime.kv_cache import block_bytes
+from tests.runtime.test_engine import NEW, demo, expected, prompt_ids  # noqa: F401 (fixtures)
+
+
+def _engine(demo, **kw) -> Engine:  # noqa: F811
+    return Engine(demo.model, EngineConfig(cuda_graphs=True, **kw), eos_ids=eos_ids(demo), tokenizer=demo.tokenizer)
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(3) == [1, 2, 3]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert bucket_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
+    assert bucket_sizes(64)[-3:] == [48, 56, 64]
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 7}, {"block_size": 5, "max_num_seqs": 3}],
+                         ids=["batched", "chunked-prefill", "odd-blocks-3-seqs"])
+def test_greedy_through_padded_decode_equals_transformers(demo, prompt_ids, expected, kw):  # noqa: F811
+    eng = _engine(demo, **kw)
+    outs = eng.generate(prompt_ids, max_tokens=NEW)
+    assert [o.token_ids for o in outs] == expected
+    assert eng.graphs is not None and eng.graphs.calls > 0  # decode steps took the padded path
+    assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_padded_decode_under_preemption(demo, prompt_ids, expected):  # noqa: F811
+    per_block = block_bytes(demo.config, 16, torch.float32)
+    eng = _engine(demo, kv_memory=14 * per_block)
+    outs = eng.generate(prompt_ids, max_tokens=NEW)
+    assert eng.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == expected
+    assert eng.pool.num_blocks == 14 and eng.kv.k[0].shape[0] == 15  # the scratch block is outside the pool
+
+
+def test_padded_step_logits_equal_plain_step(demo, prompt_ids):  # noqa: F811
+    """Three requests decode one token each: 3 rows in the bucket of 4 (one padding row), against
+    the same step through the engine's flattened batch. fp32; the rows see the same weights and
+    contexts, so only the attention's summation over a wider (masked) table may differ."""
+    plain, padded = Engine(demo.model, EngineConfig()), _engine(demo)
+    for eng in (plain, padded):
+        for p in prompt_ids[:3]:
+            eng.add_request(p, max_tokens=2, ignore_eos=True)
+        eng.step()  # every prompt in one step: each request now decodes
+    logits = {}
+    for name, eng in (("plain", plain), ("padded", padded)):
+        captured = []
+        orig = eng._sample
+        eng._sample = lambda lg, reqs, orig=orig, captured=captured: captured.append(lg.clone()) or orig(lg, reqs)
+        eng.step()
+        logits[name] = captured[0]
+    assert padded.graphs.calls == 1 and logits["padded"].shape == logits["plain"].shape == (3, demo.config.vocab_size)
+    torch.testing.assert_close(logits["padded"], logits["plain"], rtol=1e-5, atol=1e-5)
