@@ -113,8 +113,10 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return out
 
 
-def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Neox rotary: x (T, H, D), cos/sin (T, D) -> x * cos + rotate_half(x) * sin (T, H, D) in x's dtype."""
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor, sin_first_half_negated: bool = False) -> Tensor:
+    """Neox rotary: x (T, H, D), cos/sin (T, D) -> x * cos + rotate_half(x) * sin (T, H, D) in x's dtype.
+    `sin_first_half_negated`: sin is `runtime.model.Rope`'s table, whose first half holds -sin (its
+    second half, +sin, is what the kernel reads then)."""
     if x.dim() != 3 or cos.shape != (x.shape[0], x.shape[2]) or sin.shape != cos.shape:
         raise ValueError(f"need x (T, H, D) and cos/sin (T, D), got {tuple(x.shape)}, {tuple(cos.shape)}, "
                          f"{tuple(sin.shape)}")
@@ -123,6 +125,8 @@ def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         raise ValueError(f"head dim must be twice a power of two, got {d}")
     if x.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1:
         raise ValueError("x and cos/sin need a contiguous last dimension")
+    if sin_first_half_negated:
+        sin = sin[:, d // 2:]  # a view: the kernel reads d/2 values per row from its start
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = min(16, triton.next_power_of_2(h))
     if t and h:

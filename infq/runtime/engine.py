@@ -195,7 +195,7 @@ class Engine:
             if s + n == req.num_tokens + len(spec):
                 rows.extend(range(len(ids) - 1 - len(spec), len(ids)))
                 sampling.append(req)
-        if (self.graphs is not None and not self.speculator and len(ids) == len(reqs) == len(sampling)
+        if (self.graphs is not None and self.speculator is None and len(ids) == len(reqs) == len(sampling)
                 and len(reqs) <= self.graphs.max_batch):  # every request decodes one token: a graph step
             return self._sample(self.graphs.run(ids, positions, [r.block_table for r in reqs]), sampling)
         dev = self.model.device

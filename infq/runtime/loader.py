@@ -148,9 +148,19 @@ def _load_gguf(path: Path, dtype: str, device: str, resident: bool, tokenizer: b
     net = DecoderModel(cfg, GGUFWeights(gguf), dtype=resolve_dtype(dtype, dev, cfg, serving and blocks), device=dev,
                        resident=resident)
     if serving:
-        net.fuse_projections()
-        net.pack_weights()
+        _serving(net)
     return LoadedModel(net, gguf.tokenizer() if tokenizer else None, cfg, path, "gguf")
+
+
+def _serving(net: DecoderModel) -> None:
+    """What a model that generates (rather than one that is scored or calibrated) gets at load."""
+    net.fuse_projections()  # q/k/v and gate/up as one kernel call each
+    net.pack_weights()  # bfloat16 and float32 dense weights on a CPU: oneDNN's layout, reordered once
+    if net.device.type == "cuda":
+        try:  # fp16/bf16: RMSNorm (+ residual), rotary, SiLU-gate as one Triton kernel each
+            net.use_fused_ops()
+        except ImportError:  # no Triton: the PyTorch expressions
+            pass
 
 
 SOURCES: tuple[type[PackedWeights], ...] = (GPTQWeights, AWQWeights, CTWeights, FP8Weights)
@@ -237,8 +247,7 @@ def load_model(
     int_packed = serving and (fmt in ("gptq", "awq") or (fmt == "compressed-tensors" and not _is_float_ct(hf_config)))
     net = DecoderModel(cfg, source, dtype=resolve_dtype(dtype, dev, cfg, int_packed), device=dev, resident=resident)
     if serving:
-        net.fuse_projections()  # q/k/v and gate/up as one kernel call each
-        net.pack_weights()  # bfloat16 and float32 dense weights on a CPU: oneDNN's layout, reordered once
+        _serving(net)
     tok = load_tokenizer(path) if tokenizer else None
     return LoadedModel(net, tok, cfg, path, fmt)
 

@@ -137,6 +137,9 @@ class Block(nn.Module):
         # Serving only (`fuse_projections`): q/k/v and gate/up as one linear each, split after.
         self.fused = nn.ModuleDict()
         self.fused_sizes: dict[str, list[int]] = {}
+        # Serving on CUDA in fp16/bf16 (`DecoderModel.use_fused_ops`): RMSNorm with the residual add,
+        # rotary and SiLU-gate through kernels.fused, one kernel each (`forward_fused`).
+        self.fused_ops = False
 
     def fuse_projections(self) -> list[str]:
         """Join q/k/v and gate/up into one linear each where their kernels allow (see
@@ -163,7 +166,15 @@ class Block(nn.Module):
         cfg, lin = self.cfg, self.linears
         B, T, _ = x.shape
         H, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        if "qkv" in self.fused:  # q and k side by side in one output: rotated in one pass
+        if "qkv" in self.fused and self.fused_ops and B == 1:  # one rotary kernel for q and k
+            from infq.kernels import fused
+
+            qkv = self.fused["qkv"](x)  # (1, T, (H + 2 Hkv) d)
+            qk = fused.rotary_embedding(qkv[0, :, : (H + Hkv) * d].view(T, H + Hkv, d), cos[0], sin[0],
+                                        sin_first_half_negated=True)[None]  # (1, T, H + Hkv, d)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            v = qkv[..., (H + Hkv) * d :].view(B, T, Hkv, d)
+        elif "qkv" in self.fused:  # q and k side by side in one output: rotated in one pass
             qkv = self.fused["qkv"](x)  # (B, T, (H + 2 Hkv) d)
             qk = rotate(qkv[..., : (H + Hkv) * d].view(B, T, H + Hkv, d), cos, sin)
             q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, d), (B, T, Hkv, d)
@@ -219,6 +230,10 @@ class Block(nn.Module):
         lin = self.linears
         if "gate_up" in self.fused:
             gate, up = self.fused["gate_up"](x).split(self.fused_sizes["gate_up"], -1)
+            if self.fused_ops:
+                from infq.kernels import fused
+
+                return lin["down"](fused.silu_mul(gate, up))
             return lin["down"](F.silu(gate).mul_(up))
         g = F.silu(lin["gate"](x), inplace=True)  # (…, F) one buffer for the activation and the product
         return lin["down"](g.mul_(lin["up"](x)))
@@ -227,6 +242,22 @@ class Block(nn.Module):
         eps = self.cfg.rms_norm_eps
         h = h + self.attention(rms_norm(h, self.input_norm, eps), cos, sin, cache)
         return h + self.mlp(rms_norm(h, self.post_norm, eps))
+
+    def forward_fused(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                      cache: LayerCache | PagedCache | None = None) -> tuple[Tensor, Tensor]:
+        """`forward` with each residual add folded into the next RMSNorm kernel (vLLM's layout):
+        the block's input is x + residual (x alone when residual is None); returns the MLP output
+        and the residual stream before it, whose sum is what `forward` returns."""
+        from infq.kernels import fused
+
+        eps = self.cfg.rms_norm_eps
+        if residual is None:
+            normed, residual = fused.rms_norm(x, self.input_norm, eps), x
+        else:
+            normed, residual = fused.rms_norm(x, self.input_norm, eps, residual=residual)
+        a = self.attention(normed, cos, sin, cache)
+        normed, residual = fused.rms_norm(a, self.post_norm, eps, residual=residual)
+        return self.mlp(normed), residual
 
 
 def build_block(cfg: ModelConfig, source: WeightSource, i: int, dtype: torch.dtype, device: torch.device) -> Block:
@@ -259,6 +290,7 @@ class DecoderModel(nn.Module):
         self.lm_head = None if tied else source.linear(arch.lm_head.removesuffix(".weight"), dtype, self.device)
         self.rope = Rope(cfg)
         self.resident = resident
+        self.fused_ops = False  # `use_fused_ops`
         self.blocks = nn.ModuleList([self.load_block(i) for i in range(cfg.num_layers)] if resident else [])
 
     def _param(self, name: str) -> nn.Parameter:
@@ -270,6 +302,19 @@ class DecoderModel(nn.Module):
         if self.resident:
             for block in self.blocks:
                 block.fuse_projections()
+
+    def use_fused_ops(self, on: bool = True) -> bool:
+        """Serving in fp16/bf16 with resident blocks: the engine's steps (`forward_paged`) run
+        RMSNorm (+ residual add), rotary and SiLU-gate as `kernels.fused` Triton kernels. Meant for
+        CUDA (the loader turns it on there); the CPU tests run the kernels under the interpreter.
+        -> whether it is on."""
+        on = on and self.resident and self.dtype in (torch.float16, torch.bfloat16)
+        if on:
+            from infq.kernels import fused  # noqa: F401 (ImportError without Triton)
+        self.fused_ops = on
+        for block in self.blocks if self.resident else []:
+            block.fused_ops = on
+        return on
 
     def pack_weights(self) -> int:
         """Serving on a CPU, after `fuse_projections`: every resident dense linear (and dequantized-
@@ -324,6 +369,16 @@ class DecoderModel(nn.Module):
         returns logits (R, V) for the rows `logit_rows` (R,) only (the tokens to sample after)."""
         h = self.embed(input_ids[None])  # (1, N, C)
         cos, sin = self.rope(positions[None].to(self.device), self.dtype)  # (1, N, d)
+        if self.fused_ops:
+            from infq.kernels import fused
+
+            residual = None
+            for i in range(self.cfg.num_layers):
+                h, residual = self.blocks[i].forward_fused(h, residual, cos, sin, layers[i])
+            assert residual is not None
+            out, _ = fused.rms_norm(h[0, logit_rows], self.final_norm, self.cfg.rms_norm_eps,
+                                    residual=residual[0, logit_rows])  # (R, C)
+            return self.head(out)  # (R, V)
         for i in range(self.cfg.num_layers):
             h = self.block(i)(h, cos, sin, layers[i])
         h = h[0, logit_rows]  # (R, C)

@@ -96,6 +96,24 @@ def test_rotary(dtype, d):
     _assert_within(out, rotary_ref(x.double(), cos.double(), sin.double()), rotary_ref(x, cos, sin))
 
 
+def test_rotary_with_rope_tables():
+    """runtime.model.Rope's sin table has its first half negated (for `model.rotate`); the kernel
+    reads its second half when told so, and matches `model.rotate` on the same tables."""
+    from infq.runtime.arch import ModelConfig
+    from infq.runtime.model import Rope, rotate
+
+    cfg = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+                               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 64, "max_position_embeddings": 64})
+    pos = torch.tensor([[0, 1, 5, 17, 63]])
+    x = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(4)).half()  # (T, H, D)
+    cos, sin = Rope(cfg)(pos, torch.float16)  # (1, T, D) each
+    plain_sin = torch.cat([sin[0, :, 32:], sin[0, :, 32:]], -1)  # +sin in both halves
+    oracle = rotary_ref(x.double(), cos[0].double(), plain_sin.double())
+    out = fused.rotary_embedding(x, cos[0], sin[0], sin_first_half_negated=True)
+    _assert_within(out, oracle, rotate(x, cos[0], sin[0]))
+
+
 def test_rotary_strided_heads_and_errors():
     qkv = torch.randn(4, 6, 64).half()  # (T, Hq+Hk+Hv, D): rotate the k head in place of a copy
     k = qkv[:, 4:5]

@@ -115,3 +115,30 @@ def test_cuda_graph_decode_bf16_matches_eager(prompts):
         eng.step()  # a replay
         steps[graphs] = seen[0]
     assert (steps[True] - steps[False]).abs().max().item() <= 0.05 * steps[False].abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_ops_within_baseline(prompts, dtype):
+    """Serving loads on CUDA turn the fused RMSNorm/rotary/SiLU-gate kernels on; one prefill and one
+    decode step's logits stay within tolerances.FACTOR of the PyTorch path's error against fp32."""
+    from tolerances import assert_within_baseline
+
+    def two_steps(model):
+        eng = Engine(model, EngineConfig())
+        seen = []
+        orig = eng._sample
+        eng._sample = lambda lg, reqs: seen.append(lg.float().clone()) or orig(lg, reqs)
+        for p in prompts:
+            eng.add_request(p, max_tokens=3, ignore_eos=True)
+        eng.step()
+        eng.step()
+        return torch.cat(seen)
+
+    oracle = two_steps(load_model("demo", dtype="float32", device="cuda", serving=True, tokenizer=False).model)
+    model = load_model("demo", dtype=dtype, device="cuda", serving=True, tokenizer=False).model
+    assert model.fused_ops
+    fused = two_steps(model)
+    model.use_fused_ops(False)
+    plain = two_steps(model)
+    half = getattr(torch, dtype)
+    assert_within_baseline(fused.to(half), oracle, plain.to(half), floor_ulps=0.5)
