@@ -33,6 +33,9 @@ def settings(gptq_dir: Path) -> dict[str, list[str]]:
         "cpu_fp32": ["demo", "--device", "cpu", "--dtype", "float32", *WORKLOAD],
         "cpu_fp32_short_workload": ["demo", "--device", "cpu", "--dtype", "float32", *SHORT, "--batch-sizes", "1",
                                     "--no-hf", "--no-prefix"],
+        # the H200 runs' request count and rate (all 256 requests queued within ~1.3 s): a long steady state
+        "cpu_fp32_short_256": ["demo", "--device", "cpu", "--dtype", "float32", *SHORT, "--batch-sizes", "1",
+                               "--no-hf", "--no-prefix", "--requests", "256", "--rate", "200"],
         "cpu_fp32_kv_int8": ["demo", "--device", "cpu", "--dtype", "float32", "--kv-dtype", "int8", "--no-hf",
                              *WORKLOAD],
         "cpu_gptq_w4": [str(gptq_dir), "--device", "cpu", "--dtype", "float32", *WORKLOAD],
