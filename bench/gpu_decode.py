@@ -130,7 +130,8 @@ def main() -> None:
             path = base
             if VARIANTS[variant] is not None:
                 path = Path(tmp) / variant
-                infq("quantize", "--model", base, "--method", "rtn", *VARIANTS[variant], "--out", path, timeout=3600)
+                infq("quantize", "--model", base, "--method", "rtn", *VARIANTS[variant], "--out", path,
+                     "--device", args.device, timeout=3600)
             for graphs in ([False, True] if cuda else [False]):
                 res = run_one({"path": str(path), "device": args.device, "graphs": graphs, "tokens": args.tokens})
                 row = {"variant": variant, "cuda_graphs": graphs, **res}
