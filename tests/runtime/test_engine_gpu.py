@@ -102,18 +102,12 @@ def test_cuda_graph_decode_bf16_matches_eager(prompts):
     assert eng.graphs.graphs
     same = sum(a == b for x, y in zip(runs[False], runs[True], strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 0.75 * len(prompts) * NEW
+    from steplogits import step_logits
+
     steps = {}
-    for graphs in (False, True):
+    for graphs in (False, True):  # prefill, a decode step that captures (graphs), then a replay
         eng = Engine(loaded.model, EngineConfig(cuda_graphs=graphs), eos_ids=[])
-        for p in prompts[:3]:
-            eng.add_request(p, max_tokens=4, ignore_eos=True)
-        eng.step()
-        eng.step()  # the first decode step captures (graphs) or runs eagerly
-        seen = []
-        orig = eng._sample
-        eng._sample = lambda lg, reqs, orig=orig, seen=seen: seen.append(lg.float().clone()) or orig(lg, reqs)
-        eng.step()  # a replay
-        steps[graphs] = seen[0]
+        steps[graphs] = step_logits(eng, prompts[:3], steps=3, max_tokens=4)[-3:]
     assert (steps[True] - steps[False]).abs().max().item() <= 0.05 * steps[False].abs().max().item()
 
 
@@ -121,18 +115,11 @@ def test_cuda_graph_decode_bf16_matches_eager(prompts):
 def test_fused_ops_within_baseline(prompts, dtype):
     """Serving loads on CUDA turn the fused RMSNorm/rotary/SiLU-gate kernels on; one prefill and one
     decode step's logits stay within tolerances.FACTOR of the PyTorch path's error against fp32."""
+    from steplogits import step_logits
     from tolerances import assert_within_baseline
 
     def two_steps(model):
-        eng = Engine(model, EngineConfig())
-        seen = []
-        orig = eng._sample
-        eng._sample = lambda lg, reqs: seen.append(lg.float().clone()) or orig(lg, reqs)
-        for p in prompts:
-            eng.add_request(p, max_tokens=3, ignore_eos=True)
-        eng.step()
-        eng.step()
-        return torch.cat(seen)
+        return step_logits(Engine(model, EngineConfig()), prompts)
 
     oracle = two_steps(load_model("demo", dtype="float32", device="cuda", serving=True, tokenizer=False).model)
     model = load_model("demo", dtype=dtype, device="cuda", serving=True, tokenizer=False).model

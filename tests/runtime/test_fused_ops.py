@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from steplogits import step_logits
 from tolerances import assert_within_baseline
 
 from infq.runtime.engine import Engine, EngineConfig
@@ -34,15 +35,7 @@ def interpreted():
 
 def _two_steps(loaded, prompt_ids) -> torch.Tensor:
     """Logits of a prefill step (every prompt) and of the decode step after it: (2 * B, V) float."""
-    eng = Engine(loaded.model, EngineConfig())
-    seen = []
-    orig = eng._sample
-    eng._sample = lambda lg, reqs: seen.append(lg.float().clone()) or orig(lg, reqs)
-    for p in prompt_ids:
-        eng.add_request(p, max_tokens=3, ignore_eos=True)
-    eng.step()
-    eng.step()
-    return torch.cat(seen)
+    return step_logits(Engine(loaded.model, EngineConfig()), prompt_ids)
 
 
 def test_fused_ops_within_fp16_baseline(interpreted):

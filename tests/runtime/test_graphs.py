@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from steplogits import step_logits
 
 from infq.runtime.engine import Engine, EngineConfig
 from infq.runtime.generate import eos_ids
@@ -51,16 +52,7 @@ def test_padded_step_logits_equal_plain_step(demo, prompt_ids):  # noqa: F811
     the same step through the engine's flattened batch. fp32; the rows see the same weights and
     contexts, so only the attention's summation over a wider (masked) table may differ."""
     plain, padded = Engine(demo.model, EngineConfig()), _engine(demo)
-    for eng in (plain, padded):
-        for p in prompt_ids[:3]:
-            eng.add_request(p, max_tokens=2, ignore_eos=True)
-        eng.step()  # every prompt in one step: each request now decodes
-    logits = {}
-    for name, eng in (("plain", plain), ("padded", padded)):
-        captured = []
-        orig = eng._sample
-        eng._sample = lambda lg, reqs, orig=orig, captured=captured: captured.append(lg.clone()) or orig(lg, reqs)
-        eng.step()
-        logits[name] = captured[0]
+    logits = {name: step_logits(eng, prompt_ids[:3], steps=2)[3:]  # the decode step after the prefill
+              for name, eng in (("plain", plain), ("padded", padded))}
     assert padded.graphs.calls == 1 and logits["padded"].shape == logits["plain"].shape == (3, demo.config.vocab_size)
     torch.testing.assert_close(logits["padded"], logits["plain"], rtol=1e-5, atol=1e-5)
