@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime.test_engine import NEW, demo, expected, prompt_ids  # noqa: F401 (fixtures; tests/ is on sys.path)
 from steplogits import step_logits
 
 from infq.runtime.engine import Engine, EngineConfig
 from infq.runtime.generate import eos_ids
 from infq.runtime.graphs import bucket_sizes
 from infq.runtime.kv_cache import block_bytes
-from tests.runtime.test_engine import NEW, demo, expected, prompt_ids  # noqa: F401 (fixtures)
 
 
 def _engine(demo, **kw) -> Engine:  # noqa: F811
