@@ -56,3 +56,34 @@ def test_padded_step_logits_equal_plain_step(demo, prompt_ids):  # noqa: F811
               for name, eng in (("plain", plain), ("padded", padded))}
     assert padded.graphs.calls == 1 and logits["padded"].shape == logits["plain"].shape == (3, demo.config.vocab_size)
     torch.testing.assert_close(logits["padded"], logits["plain"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: test_engine_gpu.py runs the kernels compiled")
+def test_triton_path_padded_equals_eager_under_the_interpreter():
+    """The GPU path's logic on a CPU: the Triton paged-attention, write_kv and FlashAttention kernels
+    under TRITON_INTERPRET=1 (tests/conftest.py), fp16 demo model. Padded decode steps (tables as wide
+    as the context, a scratch block for padding rows, stale table entries past a row's length) give
+    exactly the eager Triton path's logits; with the fused RMSNorm/rotary/SiLU kernels on as well,
+    they stay within fp16 rounding of the torch path and pick the same tokens."""
+    from infq.runtime.loader import load_model
+
+    m = load_model("demo", dtype="float16", serving=True)
+    texts = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, x):\n" * 3]
+    ids = [m.tokenizer(t).input_ids for t in texts]
+
+    def run(**kw):
+        return step_logits(Engine(m.model, EngineConfig(**kw)), ids, steps=4)
+
+    eager = run(attention="triton")
+    padded = run(attention="triton", cuda_graphs=True)
+    assert torch.equal(padded, eager)
+    torch_path = run(attention="torch")
+    m.model.use_fused_ops()
+    try:
+        fused = run(attention="triton", cuda_graphs=True)
+    finally:
+        m.model.use_fused_ops(False)
+    scale = torch_path.abs().max().item()
+    assert (eager - torch_path).abs().max().item() <= 3 * torch.finfo(torch.float16).eps * scale  # 3 fp16 ulps of the largest logit
+    assert (fused - torch_path).abs().max().item() <= 3 * torch.finfo(torch.float16).eps * scale  # 3 fp16 ulps of the largest logit
+    assert torch.equal(fused.argmax(-1), torch_path.argmax(-1))
