@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--only", action="append", help="run only these settings")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; results not written)")
     ap.add_argument("--note", help="recorded in each JSON (e.g. that the machine was shared)")
+    ap.add_argument("--suffix", default="", help="results go to runtime_<setting><suffix>.json")
+    ap.add_argument("--extra", default="", help="more `infq bench` arguments for every setting, space-separated")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         gptq = Path(tmp) / "demo-gptq-w4g128"
@@ -70,16 +72,17 @@ def main() -> None:
         for name, cli in runs.items():
             if args.only and name not in args.only:
                 continue
-            chart = RESULTS / f"runtime_{name}.png"
-            extra = QUICK if args.quick else []
+            chart = RESULTS / f"runtime_{name}{args.suffix}.png"
+            extra = (QUICK if args.quick else []) + args.extra.split()
             result = infq("bench", *cli, *extra, "--chart", str(chart) if not args.quick else "", timeout=3600)
             summary = {k: result.get(k) for k in ("decode_tokens_per_s", "hf_decode_tokens_per_s",
                                                   "engine_decode_tokens_per_s_batch1", "continuous_over_static")}
             print(name, summary, flush=True)
             if not args.quick:
                 extra_info = {"note": args.note} if args.note else {}
-                write(f"runtime_{name}.json", {"setting": name, "code": _commit(), **extra_info,
-                                               "command": ["infq", "bench", *cli, "--json"], "result": result})
+                write(f"runtime_{name}{args.suffix}.json", {"setting": name, "code": _commit(), **extra_info,
+                                                            "command": ["infq", "bench", *cli, *extra, "--json"],
+                                                            "result": result})
 
 
 if __name__ == "__main__":

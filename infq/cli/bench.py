@@ -38,7 +38,7 @@ def bench(
     no_prefix: bool = typer.Option(False, "--no-prefix", help="Skip the prefix-cache TTFT test."),
     kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache storage: auto, int8, fp8."),
-    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
+    block_size: int = typer.Option(None, "--block-size", help="Tokens per KV block [default: 8 on a CPU, 16 on CUDA]."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most (workload)."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (workload)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay decode steps as CUDA graphs (captured per batch-size bucket on first use; cuts launch overhead on a GPU)."),
@@ -57,7 +57,7 @@ def bench(
         from infq.eval.throughput import BenchConfig
         from infq.eval.throughput import bench as run_bench
         from infq.eval.throughput import chart as draw
-        from infq.runtime.engine import EngineConfig
+        from infq.runtime.engine import EngineConfig, default_block_size
         from infq.runtime.kv_cache import parse_memory
         from infq.runtime.loader import load_model
 
@@ -69,7 +69,8 @@ def bench(
         cfg = BenchConfig(_ints(batch_sizes, "--batch-sizes"), prompt_len, gen_len, requests, rate, plens, olens,
                           workload_kv_seqs, system_len, hf=not no_hf, workload=not no_workload,
                           prefix=not no_prefix, seed=seed)
-        ecfg = EngineConfig(block_size=block_size, kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
+        ecfg = EngineConfig(block_size=default_block_size(device) if block_size is None else block_size,
+                            kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
                             kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
                             cuda_graphs=cuda_graphs)
         console = stderr_console()

@@ -27,7 +27,7 @@ def run(
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
     kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB (auto: max-num-seqs full contexts, <= 4 GiB)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache storage: auto (model dtype), int8, fp8."),
-    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
+    block_size: int = typer.Option(None, "--block-size", help="Tokens per KV block [default: 8 on a CPU, 16 on CUDA]."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (prefill chunk budget)."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn automatic prefix caching off."),
@@ -42,7 +42,7 @@ def run(
     """Generate text. Example: infq run qwen-awq --prompt "The capital of France is" """
     with cli_errors():
         from infq.errors import InfqError
-        from infq.runtime.engine import EngineConfig
+        from infq.runtime.engine import EngineConfig, default_block_size
         from infq.runtime.generate import open_engine, read_prompts, run_prompts
         from infq.runtime.kv_cache import parse_memory
         from infq.runtime.sampling import SamplingParams
@@ -53,7 +53,8 @@ def run(
             raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE")
         prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
         params = SamplingParams(temperature, top_k, top_p, seed)
-        config = EngineConfig(block_size=block_size, kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
+        config = EngineConfig(block_size=default_block_size(device) if block_size is None else block_size,
+                              kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
                               kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,
                               prefix_caching=not no_prefix_cache, cuda_graphs=cuda_graphs)
         if max_new_tokens < 1:

@@ -48,7 +48,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
-            raise InfqError(f"--block-size {self.block_size} must be at least 1 (16 is usual)")
+            raise InfqError(f"--block-size {self.block_size} must be at least 1 (8 on a CPU or 16 on a GPU are usual)")
         if self.max_num_seqs < 1:
             raise InfqError(f"--max-num-seqs {self.max_num_seqs} must be at least 1")
         if self.max_num_batched_tokens < 1:
@@ -90,6 +90,14 @@ class _Track:
 
 
 AUTO_KV_CAP = 4 * 2**30
+
+
+def default_block_size(device: str) -> int:
+    """`--block-size` when not given: 16 tokens on CUDA (vLLM's GPU default, what the Triton kernels
+    were measured with), 8 on a CPU. On the CPU the gather + SDPA path runs as fast with 8 (demo,
+    2 threads: 1960 vs 1940 tok/s continuous on the default workload, 2442 vs 2381 on the short one)
+    while a sequence's half-empty last block wastes half as much (1.5 % vs 3.2 %, 2.4 % vs 4.9 %)."""
+    return 16 if str(device).startswith("cuda") else 8
 
 
 class Engine:

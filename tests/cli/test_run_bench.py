@@ -83,6 +83,7 @@ def test_bench_json_small(tmp_path):
     assert r.exit_code == 0, r.output
     (obj,) = _objs(r)
     assert set(obj["decode_tokens_per_s"]) == {"1", "2"} and all(v > 0 for v in obj["decode_tokens_per_s"].values())
+    assert obj["engine"]["block_size"] == 8 and obj["engine"]["cuda_graphs"] is False  # the CPU defaults
     assert "hf_decode_tokens_per_s" in obj and "transformers" in obj
     for name in ("continuous", "static"):
         w = obj[name]
