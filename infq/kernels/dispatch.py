@@ -193,6 +193,26 @@ def onednn_pack(w: Tensor) -> Tensor | None:
         return None
 
 
+PLAIN_KEEP_BELOW = 1 << 20  # float32 weights with fewer elements keep their plain copy when packed
+PLAIN_MAX_ROWS = 8  # ... and up to this many rows use it
+
+
+def keeps_plain(w: Tensor) -> bool:
+    """Whether a float32 weight packed by `onednn_pack` also keeps its plain copy, which F.linear
+    (MKL) then uses for up to PLAIN_MAX_ROWS rows. oneDNN's packed call costs about 17 µs more per
+    call than MKL's on the Xeon, which only small weights notice: demo-sized ones (512x256 ..
+    1536x256) take 9-19 µs through F.linear against 26-33 packed at one row, 15-36 against 32-48 at
+    eight, while from 4096x256 up the packed call is ahead from 5 rows and its fixed cost is small
+    next to the weight's read. Below 2^20 elements the copy costs at most 4 MB per weight (a 1B
+    model's largest weights are all above it)."""
+    return w.dtype == torch.float32 and w.numel() < PLAIN_KEEP_BELOW
+
+
+def few_rows(x: Tensor) -> bool:
+    """At most PLAIN_MAX_ROWS rows in x (..., K): the rows `keeps_plain` weights run through F.linear."""
+    return x.numel() <= PLAIN_MAX_ROWS * x.shape[-1]
+
+
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear over a weight from `onednn_pack`, computed in the weight's dtype; y in x's dtype."""
     dt = packed.dtype
@@ -212,15 +232,18 @@ class DenseKernel:
         self.packed: Tensor | None = None
 
     def pack(self) -> bool:
-        """Replace the weight by its `onednn_pack` copy (the plain one is dropped). -> whether it was."""
+        """Replace the weight by its `onednn_pack` copy (the plain one is dropped unless
+        `keeps_plain`). -> whether it was packed."""
         if self.packed is None and self.weight is not None:
             self.packed = onednn_pack(self.weight)
             if self.packed is not None:
-                self.weight, self.name = None, f"{self.name}-onednn"
+                self.name = f"{self.name}-onednn"
+                if not keeps_plain(self.weight):
+                    self.weight = None
         return self.packed is not None
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        if self.packed is not None:
+        if self.packed is not None and (self.weight is None or not few_rows(x)):
             return packed_linear(x, self.packed, bias)  # (..., N)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return linear(x, w, None if bias is None else bias.to(x.dtype))  # (..., N)

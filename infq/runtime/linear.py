@@ -41,15 +41,16 @@ class DenseLinear(nn.Module):
         return self.shape[0]
 
     def pack(self) -> bool:
-        """Replace the weight by its oneDNN blocked copy where `onednn_pack` applies. -> whether it did."""
+        """Replace the weight by its oneDNN blocked copy where `onednn_pack` applies (small float32
+        weights keep the plain one too, for few rows: `dispatch.keeps_plain`). -> whether it did."""
         if self.packed is None:
             self.packed = dispatch.onednn_pack(self.weight.detach())
-            if self.packed is not None:
+            if self.packed is not None and not dispatch.keeps_plain(self.weight):
                 del self.weight
         return self.packed is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
+        if self.packed is not None and ("weight" not in self._parameters or not dispatch.few_rows(x)):
             return dispatch.packed_linear(x, self.packed, self.bias)  # (..., out)
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.weight.dtype == x.dtype:

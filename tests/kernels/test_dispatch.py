@@ -314,10 +314,36 @@ def test_onednn_packed_linear_fp32(rows: int) -> None:
         assert err.mean() <= 8 * mkl, f"mean error {err.mean():.3g} vs MKL's {mkl:.3g}"
 
 
+def test_small_fp32_weights_use_their_plain_copy_for_few_rows() -> None:
+    """A float32 weight under PLAIN_KEEP_BELOW elements keeps its plain copy when packed: up to
+    PLAIN_MAX_ROWS rows go through F.linear on it (bit-equal), more rows through oneDNN's packed
+    weight (bit-equal to packed_linear); a large one drops the plain copy; bfloat16 always does."""
+    g = torch.Generator().manual_seed(7)
+    small = DenseLinear(torch.randn(96, 64, generator=g))
+    big = DenseLinear(torch.randn(dispatch.PLAIN_KEEP_BELOW // 256 + 1, 256, generator=g))
+    half = DenseLinear(torch.randn(96, 64, generator=g).bfloat16())
+    w = small.weight.detach().clone()
+    if not small.pack():
+        pytest.skip("this CPU's oneDNN has no float32 linear")
+    assert big.pack() and "weight" not in big._parameters and "weight" in small._parameters
+    assert not half.pack() or "weight" not in half._parameters
+    for rows in (1, dispatch.PLAIN_MAX_ROWS, dispatch.PLAIN_MAX_ROWS + 1, 32):
+        x = torch.randn(rows, 64, generator=g)
+        want = F.linear(x, w) if rows <= dispatch.PLAIN_MAX_ROWS else dispatch.packed_linear(x, small.packed)
+        assert torch.equal(small(x), want), rows
+    kernel = dispatch.DenseKernel.__new__(dispatch.DenseKernel)  # the dequantized-dense kernel, same rule
+    kernel.name, kernel.weight, kernel.packed = "dense", w.clone(), None
+    assert kernel.pack() and kernel.weight is not None
+    x, x9 = torch.randn(3, 64, generator=g), torch.randn(9, 64, generator=g)
+    assert torch.equal(kernel(x), F.linear(x, w)) and torch.equal(kernel(x9), dispatch.packed_linear(x9, kernel.packed))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_serving_packs_dense_weights(tmp_path, dtype: str) -> None:
     """serving=True on a CPU in bfloat16 or float32: every dense linear and the untied lm_head hold
-    oneDNN's packed weight (and no plain copy), and the logits equal those of the unpacked model
+    oneDNN's packed weight (and no plain copy, except float32 weights under
+    `dispatch.PLAIN_KEEP_BELOW` elements, which keep theirs for few rows), and the logits equal
+    those of the unpacked model
     within the bound of the unpacked model (oracle: for bfloat16 the float32 model, whose error is
     orders of magnitude below bfloat16's; for float32 the same model built in float64); eval
     loading (serving=False) keeps plain weights."""
@@ -328,7 +354,10 @@ def test_serving_packs_dense_weights(tmp_path, dtype: str) -> None:
     if probe is None:
         pytest.skip(f"this CPU's oneDNN has no {dtype} linear")
     mods = [m for b in served.blocks for m in [*b.linears.values(), *b.fused.values()]] + [served.lm_head]
-    assert mods and all(isinstance(m, DenseLinear) and m.packed is not None and "weight" not in m._parameters
+    def keeps(m):  # the tiny model's weights are all small: float32 keeps their plain copies
+        return dtype == "float32" and m.shape[0] * m.shape[1] < dispatch.PLAIN_KEEP_BELOW
+
+    assert mods and all(isinstance(m, DenseLinear) and m.packed is not None and ("weight" in m._parameters) == keeps(m)
                         for m in mods)
     assert all(m.packed is None for b in plain.blocks for m in b.linears.values())
     ids = torch.randint(0, served.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
