@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh decode    # bench/gpu_decode.py: batch-1 decode vs the copy-bandwidth roofline,
 #                                       # eager and with --cuda-graphs (TinyLlama-1.1B shape, bf16 and int4)
 #   bash bench/gpu_session.sh decode7b  # the same at Llama-2-7B's shape (bf16 and int4)
-#   bash bench/gpu_session.sh serving   # infq bench on CUDA: continuous vs static, eager and with graphs
+#   bash bench/gpu_session.sh serving   # infq bench on CUDA: continuous vs static (eager)
+#   bash bench/gpu_session.sh serving-graphs  # the same with --cuda-graphs
 #   bash bench/gpu_session.sh kernels   # bench/gpu_dequant_gemm.py and bench/gpu_attention.py
 #
 # The machine's own python3 holds torch, triton, transformers, typer, rich and safetensors; infq
@@ -29,12 +30,15 @@ case "${1:-}" in
     python3 bench/gpu_decode.py --shape llama7b --variants bf16,int4-g128 --tokens 64 --out gpu_decode_llama7b.json
     cp bench/results/gpu_decode_llama7b.json "$out/" ;;
   serving)
-    (cd bench && python3 runtime_bench.py --only cuda_bf16 --only cuda_bf16_graphs)
-    cp bench/results/runtime_cuda_bf16.json bench/results/runtime_cuda_bf16_graphs.json "$out/" ;;
+    (cd bench && python3 runtime_bench.py --only cuda_bf16)
+    cp bench/results/runtime_cuda_bf16.json "$out/" ;;
+  serving-graphs)
+    (cd bench && python3 runtime_bench.py --only cuda_bf16_graphs)
+    cp bench/results/runtime_cuda_bf16_graphs.json "$out/" ;;
   kernels)
     python3 bench/gpu_dequant_gemm.py && python3 bench/gpu_attention.py
     cp bench/results/gpu_dequant_gemm.json bench/results/gpu_attention.json "$out/" ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|decode|decode7b|serving|kernels" >&2
+    echo "usage: bash bench/gpu_session.sh tests|decode|decode7b|serving|serving-graphs|kernels" >&2
     exit 2 ;;
 esac
