@@ -8,7 +8,8 @@
 #   bash bench/gpu_session.sh decode7b  # the same at Llama-2-7B's shape (bf16 and int4)
 #   bash bench/gpu_session.sh serving   # infq bench on CUDA: continuous vs static (eager)
 #   bash bench/gpu_session.sh serving-graphs  # the same with --cuda-graphs
-#   bash bench/gpu_session.sh kernels   # bench/gpu_dequant_gemm.py and bench/gpu_attention.py
+#   bash bench/gpu_session.sh gemm      # bench/gpu_dequant_gemm.py
+#   bash bench/gpu_session.sh attention # bench/gpu_attention.py
 #
 # The machine's own python3 holds torch, triton, transformers, typer, rich and safetensors; infq
 # runs from the checkout (PYTHONPATH), nothing is installed. Results land in bench/results/ and are
@@ -35,10 +36,13 @@ case "${1:-}" in
   serving-graphs)
     (cd bench && python3 runtime_bench.py --only cuda_bf16_graphs)
     cp bench/results/runtime_cuda_bf16_graphs.json "$out/" ;;
-  kernels)
-    python3 bench/gpu_dequant_gemm.py && python3 bench/gpu_attention.py
-    cp bench/results/gpu_dequant_gemm.json bench/results/gpu_attention.json "$out/" ;;
+  gemm)
+    python3 bench/gpu_dequant_gemm.py
+    cp bench/results/gpu_dequant_gemm.json "$out/" ;;
+  attention)
+    python3 bench/gpu_attention.py
+    cp bench/results/gpu_attention.json "$out/" ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|decode|decode7b|serving|serving-graphs|kernels" >&2
+    echo "usage: bash bench/gpu_session.sh tests|decode|decode7b|serving|serving-graphs|gemm|attention" >&2
     exit 2 ;;
 esac
