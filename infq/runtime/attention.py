@@ -47,6 +47,9 @@ class PagedBatch:
     cu_k_prefill: Tensor  # (P+1,) int32 offsets into prefill_kv_slots
     # Per-step values every layer shares (the torch backend's decode tables and masks), made once.
     memo: dict = field(default_factory=dict)
+    # One request decoding one token over blocks b0, b0 + 1, ... (a lone request in a fresh pool):
+    # (b0, context length), so the torch backend can slice the cache instead of gathering it.
+    decode_span: tuple[int, int] | None = None
 
 
 def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
@@ -73,10 +76,15 @@ def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], b
     def t(x: list, dtype: torch.dtype) -> Tensor:
         return torch.tensor(x, dtype=dtype, device=device)
 
+    span = None
+    if len(tables) == 1 and counts[0] == 1:
+        blocks = tables[0][: -(-seq_lens[0] // block_size)]
+        if blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            span = (blocks[0], seq_lens[0])
     return PagedBatch(t(slots, torch.int64), t(padded, torch.int32), t(seq_lens, torch.int32), list(counts),
                       seq_lens, t(cu, torch.int32), t(rows, torch.int64), t([cu[b] for b in rows], torch.int64),
                       max((seq_lens[b] for b in rows), default=0), pre, t(pre_tokens, torch.int64),
-                      t(kv_slots, torch.int64), t(cu_q, torch.int32), t(cu_k, torch.int32))
+                      t(kv_slots, torch.int64), t(cu_q, torch.int32), t(cu_k, torch.int32), decode_span=span)
 
 
 def _gather(cache: Tensor, scale: Tensor | None, tables: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,11 +119,17 @@ class TorchAttention:
 
     def decode(self, kv: KVCache, layer: int, q: Tensor, batch: PagedBatch, window: int | None) -> Tensor:
         """q (Bd, H, D) for the decode rows -> (Bd, H, D)."""
-        tables, mask = self._decode_meta(kv.block_size, batch, window)
-        ks, vs = kv.scales(layer)
-        k = _gather(kv.k[layer], ks, tables, q.dtype).transpose(1, 2)  # (Bd, Hkv, L, D)
-        v = _gather(kv.v[layer], vs, tables, q.dtype).transpose(1, 2)
         bd, n_heads, d = q.shape
+        if batch.decode_span is not None and window is None and not kv.quantized:
+            b0, n = batch.decode_span  # one request over consecutive blocks: a view of the cache, no mask
+            nb = -(-n // kv.block_size)
+            k, v = (c[layer][b0:b0 + nb].flatten(0, 1)[:n].to(q.dtype).transpose(0, 1)[None] for c in (kv.k, kv.v))
+            mask = None  # (1, Hkv, n, D) each; every key is visible
+        else:
+            tables, mask = self._decode_meta(kv.block_size, batch, window)
+            ks, vs = kv.scales(layer)
+            k = _gather(kv.k[layer], ks, tables, q.dtype).transpose(1, 2)  # (Bd, Hkv, L, D)
+            v = _gather(kv.v[layer], vs, tables, q.dtype).transpose(1, 2)
         hkv = k.shape[1]
         qg = q.view(bd, hkv, n_heads // hkv, d)  # (Bd, Hkv, rep, D): a kv head's queries side by side
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (Bd, Hkv, rep, D)

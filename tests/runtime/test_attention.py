@@ -66,3 +66,26 @@ def _ref(q, k, v, window):
         lo = max(0, pos - window + 1)
         out[i] = attention_ref(q[i:i + 1], k[lo:pos + 1], v[lo:pos + 1], causal=False)[0]
     return out
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.int8])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_lone_decode_over_consecutive_blocks(storage, consecutive):
+    """One request decoding one token over blocks b0, b0 + 1, ...: build_batch marks the span and
+    the torch backend attends over a view of the cache (no gather, no mask); scattered blocks (and a
+    quantized cache) take the gather path. Both equal the reference."""
+    g = torch.Generator().manual_seed(3)
+    kv = KVCache(_cfg(), 24, BS, storage, torch.device("cpu"))
+    c = 13  # cached tokens; the new one makes 14, in 4 blocks of 4
+    table = [5, 6, 7, 8] if consecutive else [5, 9, 6, 8]
+    batch = build_batch([table], [c], [1], BS, torch.device("cpu"))
+    assert batch.decode_span == ((5, c + 1) if consecutive else None)
+    full_k, full_v = torch.randn(c + 1, HKV, D, generator=g), torch.randn(c + 1, HKV, D, generator=g)
+    ks, vs = kv.scales(0)
+    write_kv_ref(full_k[:c], full_v[:c], kv.k[0], kv.v[0], torch.tensor([table[p // BS] * BS + p % BS for p in range(c)]),
+                 ks, vs)
+    q = torch.randn(1, H, D, generator=g)
+    out = PagedLayer(TorchAttention(), kv, 0, batch).attend(q, full_k[c:], full_v[c:], None)
+    bt = torch.tensor(table)
+    ref = _ref(q, gather_kv_ref(kv.k[0], bt, c + 1, ks), gather_kv_ref(kv.v[0], bt, c + 1, vs), None)
+    assert (out - ref).abs().max() <= TOL[storage]
