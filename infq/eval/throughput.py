@@ -160,7 +160,9 @@ def run_workload(model: Any, config: Any, items: list[WorkItem], warm: bool | No
     each), which must not land in one mode's timed run and not the other's."""
     from infq.runtime.engine import Engine
 
-    if model.device.type == "cuda" if warm is None else warm:
+    if warm is None:
+        warm = model.device.type == "cuda"
+    if warm:
         warm_engine = Engine(model, config)
         for w in items:
             warm_engine.add_request(w.prompt, max_tokens=w.max_tokens, ignore_eos=True)

@@ -208,9 +208,10 @@ def keeps_plain(w: Tensor) -> bool:
     return w.dtype == torch.float32 and w.numel() < PLAIN_KEEP_BELOW
 
 
-def few_rows(x: Tensor) -> bool:
-    """At most PLAIN_MAX_ROWS rows in x (..., K): the rows `keeps_plain` weights run through F.linear."""
-    return x.numel() <= PLAIN_MAX_ROWS * x.shape[-1]
+def use_packed(x: Tensor, packed: Tensor | None, plain: Tensor | None) -> bool:
+    """Whether x (..., K) goes through the packed weight: there is one, and either no plain copy
+    was kept (`keeps_plain`) or x has more than PLAIN_MAX_ROWS rows."""
+    return packed is not None and (plain is None or x.numel() > PLAIN_MAX_ROWS * x.shape[-1])
 
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -243,7 +244,7 @@ class DenseKernel:
         return self.packed is not None
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        if self.packed is not None and (self.weight is None or not few_rows(x)):
+        if use_packed(x, self.packed, self.weight):
             return packed_linear(x, self.packed, bias)  # (..., N)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return linear(x, w, None if bias is None else bias.to(x.dtype))  # (..., N)

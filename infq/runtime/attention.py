@@ -79,7 +79,7 @@ def build_batch(tables: list[list[int]], starts: list[int], counts: list[int], b
     span = None
     if len(tables) == 1 and counts[0] == 1:
         blocks = tables[0][: -(-seq_lens[0] // block_size)]
-        if blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+        if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
             span = (blocks[0], seq_lens[0])
     return PagedBatch(t(slots, torch.int64), t(padded, torch.int32), t(seq_lens, torch.int32), list(counts),
                       seq_lens, t(cu, torch.int32), t(rows, torch.int64), t([cu[b] for b in rows], torch.int64),

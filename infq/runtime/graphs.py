@@ -8,9 +8,10 @@ decode steps (every request one new token, no drafts).
 
 A graph replays fixed addresses and shapes, so a step's inputs are copied into static buffers sized
 for a bucket of batch sizes (1, 2, 4, then multiples of 8 up to `max_batch`) and the block tables
-are as wide as the context allows (a step rewrites only the columns its longest table reaches). The rows past the batch are padding: token 0 at position 0,
-writing its K/V into a scratch block that the block pool never hands out (the engine allocates the
-cache one block larger), attending to that one slot. Rows are independent in every op of a decoder
+are as wide as the context allows (a step rewrites only the columns its longest table reaches).
+The rows past the batch are padding: token 0 at position 0, writing its K/V into a scratch block
+that the block pool never hands out (the engine allocates the cache one block larger), attending
+to that one slot. Rows are independent in every op of a decoder
 step, so padding cannot change the real rows' logits.
 
 With `capture=False` (any device; the CPU tests) the same buffers and padding run eagerly: the tests

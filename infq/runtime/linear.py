@@ -50,7 +50,7 @@ class DenseLinear(nn.Module):
         return self.packed is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None and ("weight" not in self._parameters or not dispatch.few_rows(x)):
+        if dispatch.use_packed(x, self.packed, self._parameters.get("weight")):
             return dispatch.packed_linear(x, self.packed, self.bias)  # (..., out)
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.weight.dtype == x.dtype:

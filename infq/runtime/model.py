@@ -70,7 +70,9 @@ class Rope:
             if positions.device not in self._on:
                 self._on[positions.device] = inv_freq.to(positions.device)
             inv_freq = self._on[positions.device]
-        freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, d/2)
+        else:  # dynamic scaling's tables, made for this call
+            inv_freq = inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
         sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (B, T, d): rotate_half's sign folded in
         return emb.cos().to(dtype), sin.to(dtype)
