@@ -38,7 +38,7 @@ def bench(
     no_prefix: bool = typer.Option(False, "--no-prefix", help="Skip the prefix-cache TTFT test."),
     kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache storage: auto, int8, fp8."),
-    block_size: int = typer.Option(None, "--block-size", help="Tokens per KV block [default: 8 on a CPU, 16 on CUDA]."),
+    block_size: int = typer.Option(None, "--block-size", help="Tokens per KV block \\[default: 8 on a CPU, 16 on CUDA]."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most (workload)."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (workload)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Replay decode steps as CUDA graphs (captured per batch-size bucket on first use; cuts launch overhead on a GPU)."),

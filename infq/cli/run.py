@@ -27,7 +27,7 @@ def run(
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
     kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB (auto: max-num-seqs full contexts, <= 4 GiB)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache storage: auto (model dtype), int8, fp8."),
-    block_size: int = typer.Option(None, "--block-size", help="Tokens per KV block [default: 8 on a CPU, 16 on CUDA]."),
+    block_size: int = typer.Option(None, "--block-size", help="Tokens per KV block \\[default: 8 on a CPU, 16 on CUDA]."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Requests running at once at most."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Tokens per engine step (prefill chunk budget)."),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn automatic prefix caching off."),
