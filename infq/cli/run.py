@@ -2,7 +2,8 @@
 
 One `--prompt` streams its tokens to the terminal as they come and ends with TTFT, tokens/s and
 memory; `--prompts-file` runs many prompts through the engine together and prints each result when
-it finishes. `--json` prints one object per prompt instead.
+it finishes. `--json` prints one object per prompt instead. `--chat` (or `--system`, `--chat-template`,
+or `messages` records in a .jsonl file) renders prompts with the model's chat template (`runtime.chat`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from infq.cli.common import cli_errors, human_bytes, print_json
 def run(
     model: str = typer.Argument("demo", help="Model directory, .gguf file, hub id, or 'demo'."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Prompt text."),
-    prompts_file: str = typer.Option(None, "--prompts-file", help="Many prompts: .txt (one per line) or .jsonl (field 'prompt')."),
+    prompts_file: str = typer.Option(None, "--prompts-file", help="Many prompts: .txt (one per line) or .jsonl (field 'prompt', or 'messages': a conversation for the chat template)."),
+    chat: bool = typer.Option(False, "--chat", help="Render each prompt as a user turn with the model's chat template (instruct models)."),
+    system: str = typer.Option(None, "--system", help="A system message before each prompt (implies --chat)."),
+    chat_template: str = typer.Option(None, "--chat-template", help="A Jinja chat template file (or JSON with 'chat_template') instead of the model's (implies --chat)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
@@ -42,6 +46,7 @@ def run(
     """Generate text. Example: infq run qwen-awq --prompt "The capital of France is" """
     with cli_errors():
         from infq.errors import InfqError
+        from infq.runtime.chat import ChatEncoder, encode_text, read_template
         from infq.runtime.engine import EngineConfig, default_block_size
         from infq.runtime.generate import open_engine, read_prompts, run_prompts
         from infq.runtime.kv_cache import parse_memory
@@ -59,20 +64,23 @@ def run(
                               prefix_caching=not no_prefix_cache, cuda_graphs=cuda_graphs)
         if max_new_tokens < 1:
             raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+        chat = chat or system is not None or chat_template is not None or any(not isinstance(p, str) for p in prompts)
+        template = read_template(chat_template) if chat_template is not None else None
         engine, loaded = open_engine(model, config, dtype, device)
+        encode = ChatEncoder(loaded.tokenizer, template, system, str(model)) if chat else None
         if draft is not None:
             from infq.eval.spec_bench import warm_up
             from infq.runtime.speculative import build_speculator
 
             engine.speculator = build_speculator(engine, loaded, draft, num_draft, draft_dtype or dtype, device)
-            warm_up(engine, engine.tokenizer(prompts[0]).input_ids)  # the speedup compares warm runs
+            warm_up(engine, (encode or (lambda p: encode_text(engine.tokenizer, p)))(prompts[0]))  # warm runs compared
         stream = prompt is not None and not json_out
         on_output = (lambda _i, out: typer.echo(out.new_text, nl=False)) if stream else None
         start = time.perf_counter()
         results = run_prompts(engine, prompts, max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
-                              on_output=on_output)
+                              on_output=on_output, encode=encode)
         spec = _speculative(engine, prompts, results, time.perf_counter() - start, max_new_tokens, params,
-                            ignore_eos, stop) if draft is not None else {}
+                            ignore_eos, stop, encode) if draft is not None else {}
         memory = _memory(engine)
         if prompt is not None and "error" in results[0]:
             raise InfqError(results[0]["error"])
@@ -102,12 +110,12 @@ def run(
             raise InfqError(f"{failed} of {len(results)} prompts were rejected (see their error {'fields' if json_out else 'lines'})")
 
 
-def _speculative(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos, stop) -> dict:
+def _speculative(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos, stop, encode) -> dict:
     """Acceptance, tokens per target step, and the speedup over the same prompts decoded plainly."""
     from infq.eval.spec_bench import compare_with_plain
 
     return compare_with_plain(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos=ignore_eos,
-                              stop=stop or ())
+                              stop=stop or (), encode=encode)
 
 
 def _memory(engine) -> dict:

@@ -173,17 +173,19 @@ def warm_up(engine: Any, prompt_ids: Sequence[int], tokens: int = 4) -> None:
         engine.speculator.stats = SpecStats()
 
 
-def compare_with_plain(engine: Any, prompts: Sequence[str], results: list[dict], seconds: float,
+def compare_with_plain(engine: Any, prompts: Sequence[Any], results: list[dict], seconds: float,
                        max_new_tokens: int, params: Any, **kwargs: Any) -> dict[str, Any]:
     """The speculator's figures for a finished `run_prompts` over `engine` (which took `seconds`),
     and the same prompts decoded plainly by a fresh engine over the same model: wall-clock speedup,
     and for greedy runs whether the token ids are identical (they must be)."""
+    from infq.runtime.chat import encode_text
     from infq.runtime.engine import Engine
     from infq.runtime.generate import run_prompts
 
     report = engine.speculator.report()
     plain = Engine(engine.model, engine.config, eos_ids=sorted(engine.eos_ids), tokenizer=engine.tokenizer)
-    warm_up(plain, engine.tokenizer(prompts[0]).input_ids)
+    encode = kwargs.get("encode") or (lambda p: encode_text(engine.tokenizer, p))
+    warm_up(plain, encode(prompts[0]))
     start = time.perf_counter()
     baseline = run_prompts(plain, prompts, max_new_tokens, params, **kwargs)
     plain_seconds = time.perf_counter() - start

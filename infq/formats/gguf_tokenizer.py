@@ -10,8 +10,12 @@ a `tokenizer.json` alone (no `tokenizer.model`), and then llama.cpp's merges (le
 from the original BPE's; infq reproduces what llama.cpp does with the file, not what the original
 tokenizer did. `"gpt2"` (byte-level BPE with merges) is rebuilt by transformers' own GGUF converter.
 `SpmTokenizer` has the small part of the transformers tokenizer API infq uses (call -> input_ids,
-decode, special ids). Limits: special tokens inside the text are not parsed (llama-perplexity does
-not parse them either); other vocab types (bert, t5, rwkv) are refused.
+decode, special ids). Special tokens inside the text are split off first, as llama.cpp's
+`tokenizer_st_partition` does: user-defined tokens always, control and unknown ones only with
+`parse_special` (what llama.cpp's completion and chat do with a prompt; llama-perplexity does not),
+longest token text first, and a space is prefixed to every text piece that follows a special token.
+Limits: the lstrip/rstrip attributes llama.cpp gives a few tokens by name are not applied; other vocab
+types (bert, t5, rwkv) are refused.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 from infq.errors import InfqError
 
 SPACE = "\u2581"  # "▁"
-CONTROL, BYTE, UNUSED = 3, 6, 5  # tokenizer.ggml.token_type values
+UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 2, 3, 4, 5, 6  # tokenizer.ggml.token_type values
 _UTF8_LEN = (1,) * 12 + (2, 2, 3, 4)  # llama.cpp's unicode_len_utf8, by the lead byte's high nibble
 
 
@@ -45,7 +49,8 @@ class SpmTokenizer:
 
     def __init__(self, tokens: Sequence[str], scores: Sequence[float] | None, types: Sequence[int] | None,
                  bos: int | None, eos: int | None, unk: int | None, pad: int | None = None,
-                 add_bos: bool = True, add_eos: bool = False, add_space_prefix: bool = True) -> None:
+                 add_bos: bool = True, add_eos: bool = False, add_space_prefix: bool = True,
+                 chat_template: str | None = None) -> None:
         n = len(tokens)
         self.tokens = list(tokens)
         self.scores = [float(s) for s in scores] if scores is not None else [0.0] * n
@@ -57,10 +62,15 @@ class SpmTokenizer:
                 raise InfqError(f"GGUF tokenizer metadata: {name} token id {tid} is outside the {n} tokens")
         self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = bos, eos, unk, pad
         self.add_bos, self.add_eos, self.add_space_prefix = add_bos, add_eos, add_space_prefix
+        self.chat_template = chat_template
         self.ids: dict[bytes, int] = {}
         for i, t in enumerate(self.tokens):
             self.ids.setdefault(t.encode("utf-8"), i)  # llama.cpp keeps the first id of a duplicate text
         self.byte_ids = [self._byte_id(b) for b in range(256)]
+        # (text, id, control-or-unknown) of the tokens split off before SPM, longest text first
+        self.specials = sorted(((t, i, self.types[i] != USER_DEFINED) for i, t in enumerate(self.tokens)
+                                if self.types[i] in (UNKNOWN, CONTROL, USER_DEFINED) and t),
+                               key=lambda e: -len(e[0].encode("utf-8")))
         self.model_max_length = 1 << 62
 
     def _byte_id(self, b: int) -> int:
@@ -82,18 +92,48 @@ class SpmTokenizer:
     def eos_token(self) -> str | None:
         return None if self.eos_token_id is None else self.tokens[self.eos_token_id]
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, **_: Any) -> Encoding:
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, parse_special: bool = False,
+                 **_: Any) -> Encoding:
         if isinstance(text, str):
-            return Encoding(self.encode(text, add_special_tokens))
-        return Encoding([self.encode(t, add_special_tokens) for t in text])
+            return Encoding(self.encode(text, add_special_tokens, parse_special))
+        return Encoding([self.encode(t, add_special_tokens, parse_special) for t in text])
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = False) -> list[int]:
         out = [self.bos_token_id] if add_special_tokens and self.add_bos and self.bos_token_id is not None else []
-        if text:
-            out += self._spm(((" " if self.add_space_prefix else "") + text).replace(" ", SPACE).encode("utf-8"))
+        after_special = True  # the first piece gets the space prefix, as does each piece after a special token
+        for piece in self.partition(text, parse_special) if text else ():
+            if isinstance(piece, int):
+                out.append(piece)
+                after_special = True
+                continue
+            prefix = " " if self.add_space_prefix and after_special else ""
+            out += self._spm((prefix + piece).replace(" ", SPACE).encode("utf-8"))
+            after_special = False
         if add_special_tokens and self.add_eos and self.eos_token_id is not None:
             out.append(self.eos_token_id)
         return out
+
+    def partition(self, text: str, parse_special: bool = False) -> list[str | int]:
+        """`text` as text pieces and special token ids: each special token in turn (longest first)
+        is split out of the pieces that are still text, every occurrence left to right."""
+        pieces: list[str | int] = [text]
+        for tok, tid, control in self.specials:
+            if control and not parse_special:
+                continue
+            if not any(isinstance(p, str) and tok in p for p in pieces):
+                continue
+            split: list[str | int] = []
+            for p in pieces:
+                if isinstance(p, int) or tok not in p:
+                    split.append(p)
+                    continue
+                for j, part in enumerate(p.split(tok)):
+                    if j:
+                        split.append(tid)
+                    if part:
+                        split.append(part)
+            pieces = split
+        return pieces
 
     def _spm(self, data: bytes) -> list[int]:
         """The bigram merge loop of `llm_tokenizer_spm_session::tokenize` over UTF-8 characters."""
@@ -183,9 +223,13 @@ def tokenizer_from_gguf(path: Path, meta: Mapping[str, Any]) -> Any:
             tokens, _get(meta, "scores"), _get(meta, "token_type"),
             bos=_get(meta, "bos_token_id", 1), eos=_get(meta, "eos_token_id", 2), unk=_get(meta, "unknown_token_id", 0),
             pad=_get(meta, "padding_token_id"), add_bos=bool(_get(meta, "add_bos_token", True)),
-            add_eos=bool(_get(meta, "add_eos_token", False)), add_space_prefix=bool(_get(meta, "add_space_prefix", True)))
+            add_eos=bool(_get(meta, "add_eos_token", False)), add_space_prefix=bool(_get(meta, "add_space_prefix", True)),
+            chat_template=meta.get("tokenizer.chat_template"))
     if model == "gpt2":
-        return hf_tokenizer_from_gguf(path)
+        tok = hf_tokenizer_from_gguf(path)
+        if not getattr(tok, "chat_template", None) and meta.get("tokenizer.chat_template"):
+            tok.chat_template = meta["tokenizer.chat_template"]
+        return tok
     raise InfqError(f"{path}: tokenizer type {model!r} is not supported; infq reads 'llama' (SentencePiece) and "
                     "'gpt2' (BPE) vocabs")
 
@@ -258,7 +302,7 @@ def save_hf_tokenizer(path: Path, meta: Mapping[str, Any], out_dir: Path) -> lis
     dec = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if spm.add_space_prefix else []))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(spm.tokens, spm.types, strict=True) if k in (CONTROL, 2)])
+                            for t, k in zip(spm.tokens, spm.types, strict=True) if k in (CONTROL, UNKNOWN)])
     bos = spm.bos_token
     if spm.add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",

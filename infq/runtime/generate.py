@@ -4,7 +4,8 @@
 `run_prompts` tokenizes prompts, queues them all (the engine batches them continuously), calls
 `on_output` with every step's per-request output (for streaming), and returns one result dict per
 prompt in order: the generated text and token ids, TTFT, tokens/s, or the error that rejected it.
-`read_prompts` reads a prompts file (.txt: one prompt per line; .jsonl: a `prompt` or `text` field).
+`read_prompts` reads a prompts file (.txt: one prompt per line; .jsonl: a `prompt` or `text` field,
+or `messages`, a conversation for the chat template, see `runtime.chat`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,26 @@ from infq.runtime.sampling import SamplingParams
 
 
 def eos_ids(loaded: Any) -> list[int]:
-    """End-of-sequence ids from config.json and the tokenizer."""
-    eos = loaded.config.eos_token_id
-    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    """End-of-sequence ids: config.json's, generation_config.json's (where chat models list their
+    end-of-turn tokens, as transformers' `generate` and vLLM read them), the tokenizer's; for a GGUF
+    also its end-of-turn / end-of-message ids (tokenizer.ggml.eot_token_id, eom_token_id)."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(loaded.config.eos_token_id)
+    path = Path(loaded.path)
+    gen = path / "generation_config.json"
+    if path.is_dir() and gen.is_file():
+        try:
+            add(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError):
+            pass  # a broken generation_config.json: transformers would ignore it too
+    add(list(getattr(loaded, "extra_eos_ids", ())))
     tok = loaded.tokenizer
     if tok is not None and tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
@@ -37,21 +55,29 @@ def open_engine(model: str, config: EngineConfig, dtype: str = "auto", device: s
     return Engine(loaded.model, config, eos_ids=eos_ids(loaded), tokenizer=loaded.tokenizer), loaded
 
 
-def read_prompts(path: str | Path) -> list[str]:
+Prompt = str | list[dict[str, Any]]  # text, or a conversation (chat messages)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    from infq.runtime.chat import check_messages
+
     p = Path(path)
     if not p.is_file():
         raise InfqError(f"--prompts-file {p}: no such file")
     lines = p.read_text(encoding="utf-8").splitlines()
     if p.suffix == ".jsonl":
-        prompts = []
+        prompts: list[Prompt] = []
         for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                prompts.append(str(rec["prompt"] if "prompt" in rec else rec["text"]))
+                if isinstance(rec, dict) and "messages" in rec:
+                    prompts.append(check_messages(rec["messages"], f"{p}:{i}"))
+                else:
+                    prompts.append(str(rec["prompt"] if "prompt" in rec else rec["text"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise InfqError(f"{p}:{i}: expected a JSON object with a 'prompt' or 'text' field") from None
+                raise InfqError(f"{p}:{i}: expected a JSON object with a 'prompt', 'text' or 'messages' field") from None
     else:
         prompts = [ln for ln in lines if ln.strip()]
     if not prompts:
@@ -59,16 +85,24 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def run_prompts(engine: Engine, prompts: Sequence[str], max_new_tokens: int, params: SamplingParams, *,
+def run_prompts(engine: Engine, prompts: Sequence[Prompt], max_new_tokens: int, params: SamplingParams, *,
                 ignore_eos: bool = False, stop: Sequence[str] = (),
-                on_output: Callable[[int, RequestOutput], None] | None = None) -> list[dict[str, Any]]:
-    """Generate for every prompt through the batching engine; one result per prompt, in order."""
+                on_output: Callable[[int, RequestOutput], None] | None = None,
+                encode: Callable[[Prompt], list[int]] | None = None) -> list[dict[str, Any]]:
+    """Generate for every prompt through the batching engine; one result per prompt, in order.
+    `encode` turns a prompt into token ids (default: the tokenizer, special tokens in the text
+    parsed; `runtime.chat.ChatEncoder` for chat templates)."""
+    from infq.runtime.chat import encode_text
+
     if max_new_tokens < 1:
         raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    tok = engine.tokenizer
+    if encode is None:
+        def encode(prompt: Prompt) -> list[int]:
+            if not isinstance(prompt, str):
+                raise InfqError("a 'messages' prompt needs a chat template: pass --chat")
+            return encode_text(engine.tokenizer, prompt)
     for i, prompt in enumerate(prompts):
-        engine.add_request(tok(prompt).input_ids, params, max_new_tokens, stop=stop, ignore_eos=ignore_eos,
-                           request_id=i)
+        engine.add_request(encode(prompt), params, max_new_tokens, stop=stop, ignore_eos=ignore_eos, request_id=i)
     results: dict[int, dict[str, Any]] = {}
     for outs in engine.stream():
         for out in outs:
@@ -79,7 +113,7 @@ def run_prompts(engine: Engine, prompts: Sequence[str], max_new_tokens: int, par
     return [results[i] for i in range(len(prompts))]
 
 
-def _result(prompt: str, out: RequestOutput) -> dict[str, Any]:
+def _result(prompt: Prompt, out: RequestOutput) -> dict[str, Any]:
     if out.error is not None:
         return {"prompt": prompt, "error": out.error}
     return {

@@ -149,7 +149,9 @@ def _load_gguf(path: Path, dtype: str, device: str, resident: bool, tokenizer: b
                        resident=resident)
     if serving:
         _serving(net)
-    return LoadedModel(net, gguf.tokenizer() if tokenizer else None, cfg, path, "gguf")
+    eog = tuple(int(gguf.meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                if isinstance(gguf.meta.get(k), int) and gguf.meta[k] >= 0)
+    return LoadedModel(net, gguf.tokenizer() if tokenizer else None, cfg, path, "gguf", eog)
 
 
 def _serving(net: DecoderModel) -> None:
@@ -173,6 +175,8 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     format: str
+    # end-of-generation ids the config does not name (a GGUF's end-of-turn / end-of-message tokens)
+    extra_eos_ids: tuple[int, ...] = ()
 
 
 def resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig, int_packed: bool = False) -> torch.dtype:

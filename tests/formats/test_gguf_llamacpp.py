@@ -81,3 +81,34 @@ def test_llamacpp_loads_infq_q4km_and_scores_the_same(files) -> None:
     convert_to_gguf("demo", str(out), "Q6_K", force=True)
     r = evaluate_ppl(EvalRequest(str(out), str(files["text"]), protocol="llamacpp", seqlen=256))
     assert r["ppl"] == pytest.approx(_llama_ppl(out, files["text"], 256), rel=5e-3)
+
+
+def test_special_tokens_in_text_equal_llama_tokenize(tmp_path) -> None:
+    """Control and user-defined tokens inside the text: with and without parse_special, against
+    `llama-tokenize` (which parses them unless --no-parse-special) on the demo vocab with four
+    normal tokens turned into specials."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from infq.formats.gguf import write_gguf
+    from infq.formats.gguf_reader import GGUFFile
+    from infq.formats.gguf_vocab import tokenizer_metadata
+    from infq.formats.hf import demo_model_path
+
+    demo = demo_model_path()
+    config = json.loads((demo / "config.json").read_text())
+    tok, _ = tokenizer_metadata(demo, config["vocab_size"])
+    tokens, types = list(tok["tokens"]), list(tok["token_type"])
+    for i, (text, kind) in enumerate({"<|im_start|>": 3, "<|im_end|>": 3, "<tool>": 4, "<tool></tool>": 4}.items()):
+        tokens[4000 + i], types[4000 + i] = text, kind
+    tok = {**tok, "tokens": tokens, "token_type": types}
+    path = tmp_path / "specials.gguf"
+    write_gguf(path, config, load_file(demo / "model.safetensors"), "F16", tokenizer=tok)
+    text = "<|im_start|>user\nHello <tool></tool> and <tool>x<|im_end|>\n<|im_start|>assistant\n def f(a):<s>"
+    (tmp_path / "t.txt").write_text(text)
+    spm = GGUFFile(path).tokenizer()
+    for parse, flags in ((True, []), (False, ["--no-parse-special"])):
+        want = ast.literal_eval(_run(BIN / "llama-tokenize", "-m", path, "-f", tmp_path / "t.txt", "--ids", "--no-escape",
+                                     "--log-disable", *flags).strip().splitlines()[-1])
+        assert spm(text, parse_special=parse).input_ids == want, parse
