@@ -3,7 +3,8 @@
 One `--prompt` streams its tokens to the terminal as they come and ends with TTFT, tokens/s and
 memory; `--prompts-file` runs many prompts through the engine together and prints each result when
 it finishes. `--json` prints one object per prompt instead. `--chat` (or `--system`, `--chat-template`,
-or `messages` records in a .jsonl file) renders prompts with the model's chat template (`runtime.chat`).
+or `messages` records in a .jsonl file) renders prompts with the model's chat template (`runtime.chat`);
+`--interactive` holds a conversation in the terminal, one line a turn.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def run(
     chat: bool = typer.Option(False, "--chat", help="Render each prompt as a user turn with the model's chat template (instruct models)."),
     system: str = typer.Option(None, "--system", help="A system message before each prompt (implies --chat)."),
     chat_template: str = typer.Option(None, "--chat-template", help="A Jinja chat template file (or JSON with 'chat_template') instead of the model's (implies --chat)."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat in the terminal: each line typed is the next user turn of one conversation (a trailing \\ continues the line; /reset starts over; /exit or end of input quits)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
@@ -54,9 +56,13 @@ def run(
 
         if cuda_graphs and not device.startswith("cuda"):
             raise InfqError("--cuda-graphs needs --device cuda (CUDA graphs replay GPU work; drop the flag on a CPU)")
-        if (prompt is None) == (prompts_file is None):
-            raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE")
-        prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+        if interactive:
+            if prompt is not None or prompts_file is not None or draft is not None:
+                raise InfqError("--interactive reads its turns from the terminal; drop --prompt, --prompts-file and --draft")
+            chat = True
+        elif (prompt is None) == (prompts_file is None):
+            raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE (or --interactive)")
+        prompts = [] if interactive else [prompt] if prompt is not None else read_prompts(prompts_file)
         params = SamplingParams(temperature, top_k, top_p, seed)
         config = EngineConfig(block_size=default_block_size(device) if block_size is None else block_size,
                               kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
@@ -68,6 +74,9 @@ def run(
         template = read_template(chat_template) if chat_template is not None else None
         engine, loaded = open_engine(model, config, dtype, device)
         encode = ChatEncoder(loaded.tokenizer, template, system, str(model)) if chat else None
+        if interactive:
+            _interactive(engine, encode, system, max_new_tokens, params, ignore_eos, stop, json_out)
+            return
         if draft is not None:
             from infq.eval.spec_bench import warm_up
             from infq.runtime.speculative import build_speculator
@@ -108,6 +117,54 @@ def run(
         failed = sum("error" in r for r in results)
         if failed:
             raise InfqError(f"{failed} of {len(results)} prompts were rejected (see their error {'fields' if json_out else 'lines'})")
+
+
+def _interactive(engine, encode, system, max_new_tokens, params, ignore_eos, stop, json_out) -> None:
+    """The conversation loop of --interactive: read a turn, stream the reply, keep both. The engine
+    (and its prefix cache) lives across turns, so each turn recomputes only what the last one did
+    not already hold."""
+    import sys
+
+    from infq.runtime.generate import run_prompts
+
+    start = [{"role": "system", "content": system}] if system is not None else []
+    messages = list(start)
+    while True:
+        typer.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            typer.echo("", err=True)
+            return
+        text = line.rstrip("\n")
+        while text.endswith("\\"):  # a trailing backslash continues the turn on the next line
+            more = sys.stdin.readline()
+            if not more:
+                break
+            text = text[:-1] + "\n" + more.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/reset":
+            messages = list(start)
+            typer.echo("[conversation cleared]", err=True)
+            continue
+        turn = [*messages, {"role": "user", "content": text}]
+        on_output = None if json_out else (lambda _i, out: typer.echo(out.new_text, nl=False))
+        res = run_prompts(engine, [turn], max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
+                          on_output=on_output, encode=encode)[0]
+        if "error" in res:
+            typer.echo(f"[turn rejected: {res['error']}; /reset starts a new conversation]", err=True)
+            continue
+        messages = [*turn, {"role": "assistant", "content": res["text"]}]
+        memory = _memory(engine)
+        if json_out:
+            print_json({**res, "prompt": text, **memory})
+        else:
+            typer.echo("")
+            typer.echo(f"[{len(res['token_ids'])} tokens; {res['prompt_tokens']} prompt tokens, {res['cached_tokens']} "
+                       f"from the prefix cache; TTFT {res['ttft_s'] * 1000:.1f} ms; {res['tokens_per_s']:.1f} tokens/s]",
+                       err=True)
 
 
 def _speculative(engine, prompts, results, seconds, max_new_tokens, params, ignore_eos, stop, encode) -> dict:

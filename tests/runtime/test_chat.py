@@ -9,6 +9,7 @@ import pytest
 import torch
 from clitools import error_line, invoke, last_json
 
+from infq.cli.app import app
 from infq.errors import InfqError
 from infq.runtime.chat import ChatEncoder, read_template, render
 
@@ -215,3 +216,28 @@ def test_gguf_carries_the_template_and_runs_the_same_chat(tmp_path):
                                       "--max-new-tokens", 8, "--ignore-eos", "--dtype", "float32", "--json"))
         assert rows[name]["prompt_tokens"] == len(ids), name
     assert rows["demo-chat"]["token_ids"] == rows["demo-chat.gguf"]["token_ids"]
+
+
+def test_interactive_conversation_keeps_turns_and_reuses_the_cache(chat_model):
+    """`infq run -i`: each line is a user turn of one conversation; turn 2's prompt is the whole
+    conversation (its ids = apply_chat_template over turn 1, the reply, turn 2), mostly served from
+    the prefix cache; /reset starts again; end of input quits."""
+    from clitools import runner
+
+    path, tok, _ = chat_model
+    r = runner.invoke(app, ["run", str(path), "-i", "--system", "Be brief.", "--max-new-tokens", "5",
+                                      "--ignore-eos", "--json"], input="Hello\nand then\\\nmore\n/reset\nHello\n")
+    assert r.exit_code == 0, r.output
+    turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [t["prompt"] for t in turns] == ["Hello", "and then\nmore", "Hello"]
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": turns[0]["text"]}, {"role": "user", "content": "and then\nmore"}]
+    ids = tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+    assert turns[1]["prompt_tokens"] == len(ids if isinstance(ids, list) else ids["input_ids"])
+    assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"] - 16  # turn 1's full blocks, at least
+    assert turns[2]["token_ids"] == turns[0]["token_ids"]  # after /reset: the first turn again (greedy)
+    assert turns[2]["cached_tokens"] > 0
+
+
+def test_interactive_refuses_prompts(tiny_model):
+    assert "--interactive reads its turns" in error_line(invoke("run", tiny_model, "-i", "-p", "x"))
