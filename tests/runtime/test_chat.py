@@ -241,3 +241,14 @@ def test_interactive_conversation_keeps_turns_and_reuses_the_cache(chat_model):
 
 def test_interactive_refuses_prompts(tiny_model):
     assert "--interactive reads its turns" in error_line(invoke("run", tiny_model, "-i", "-p", "x"))
+
+
+def test_chat_with_speculative_draft_matches_plain(chat_model):
+    """--chat with --draft ngram: the plain baseline re-encodes the prompts through the same template."""
+    path, tok, _ = chat_model
+    r = last_json(invoke("run", path, "--chat", "-p", "Hello Hello Hello", "--draft", "ngram", "--max-new-tokens", 8,
+                         "--ignore-eos", "--json"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello Hello Hello"}], tokenize=True,
+                                  add_generation_prompt=True)
+    assert r["prompt_tokens"] == len(ids if isinstance(ids, list) else ids["input_ids"])
+    assert r["matches_plain"] is True
