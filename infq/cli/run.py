@@ -48,7 +48,7 @@ def run(
     """Generate text. Example: infq run qwen-awq --prompt "The capital of France is" """
     with cli_errors():
         from infq.errors import InfqError
-        from infq.runtime.chat import ChatEncoder, encode_text, read_template
+        from infq.runtime.chat import ChatEncoder, compile_template, encode_text, read_template
         from infq.runtime.engine import EngineConfig, default_block_size
         from infq.runtime.generate import open_engine, read_prompts, run_prompts
         from infq.runtime.kv_cache import parse_memory
@@ -72,6 +72,8 @@ def run(
             raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
         chat = chat or system is not None or chat_template is not None or any(not isinstance(p, str) for p in prompts)
         template = read_template(chat_template) if chat_template is not None else None
+        if template is not None:
+            compile_template(template)  # a Jinja error is reported before the model loads
         engine, loaded = open_engine(model, config, dtype, device)
         encode = ChatEncoder(loaded.tokenizer, template, system, str(model)) if chat else None
         if interactive:

@@ -98,16 +98,24 @@ class _TemplateRaised(Exception):
     pass
 
 
-def render(template: str, messages: Sequence[Message], specials: Mapping[str, str] | None = None,
-           add_generation_prompt: bool = True) -> str:
-    """The conversation as the template writes it; InfqError for a broken template or one that refuses
-    the conversation (its `raise_exception`, e.g. roles that do not alternate)."""
+def compile_template(template: str) -> Any:
+    """The template parsed once (InfqError for a Jinja syntax error)."""
     import jinja2
 
     try:
-        compiled = _environment().from_string(template)
+        return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise InfqError(f"chat template: Jinja syntax error on line {e.lineno}: {e.message}") from None
+
+
+def render(template: str | Any, messages: Sequence[Message], specials: Mapping[str, str] | None = None,
+           add_generation_prompt: bool = True) -> str:
+    """The conversation as the template (text, or `compile_template`'s result) writes it; InfqError
+    for a broken template or one that refuses the conversation (its `raise_exception`, e.g. roles
+    that do not alternate)."""
+    import jinja2
+
+    compiled = compile_template(template) if isinstance(template, str) else template
     try:
         return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                **dict(specials or {}))
@@ -139,6 +147,7 @@ class ChatEncoder:
                             "chat_template.jinja or GGUF tokenizer.chat_template); pass one with --chat-template "
                             "FILE, or drop --chat/--system for plain prompts")
         self.tokenizer, self.template, self.system = tokenizer, template, system
+        self.compiled = compile_template(template)
         self.specials = special_tokens(tokenizer)
 
     def messages(self, prompt: str | Sequence[Message]) -> list[Message]:
@@ -148,7 +157,7 @@ class ChatEncoder:
         return [*turns, {"role": "user", "content": prompt}]
 
     def text(self, prompt: str | Sequence[Message]) -> str:
-        return render(self.template, self.messages(prompt), self.specials)
+        return render(self.compiled, self.messages(prompt), self.specials)
 
     def __call__(self, prompt: str | Sequence[Message]) -> list[int]:
         return encode_text(self.tokenizer, self.text(prompt), add_special_tokens=False)
