@@ -344,7 +344,9 @@ _SCHEME_KEY = ["N", "K", "G", "BITS_LO", "BITS_HI", "FP8", "OFFSET_MODE", "SUP",
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bn, bk, w, st in ((4, 512, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2), (8, 1024, 4, 1), (16, 512, 8, 2),
-                          (4, 1024, 4, 2), (16, 1024, 8, 1), (32, 512, 8, 2), (2, 1024, 2, 2))
+                          (4, 1024, 4, 2), (16, 1024, 8, 1), (32, 512, 8, 2), (2, 1024, 2, 2),
+                          # more words in flight per thread (the H200 runs picked the longest tile on offer)
+                          (8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (4, 4096, 8, 1))
 ]
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "FLAT": flat},

@@ -185,3 +185,10 @@ def test_pack_layout_and_bytes():
     assert torch.equal((lo | hi << 2).to(torch.uint8), qt.codes)
     assert p.nbytes == 8 * 96 * 3 // 8 + qt.scales.numel() * 2 + qt.zeros.numel() * 2
     assert p.to("cpu").lo.data_ptr() == p.lo.data_ptr()
+
+
+def test_every_tuned_gemv_config():
+    """Each config the GPU autotuner may pick for the GEMV, on a K (640) that no long tile divides
+    (the masked K tail) and an N that straddles BLOCK_N."""
+    for c in dg._GEMV_CONFIGS:
+        check(make_int(19, 640, 4, 128), 1, config={**c.kwargs, "num_warps": c.num_warps})
