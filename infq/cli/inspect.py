@@ -1,4 +1,5 @@
-"""`infq inspect`: architecture, parameters, format, per-tensor scheme, bytes and bits per weight."""
+"""`infq inspect`: architecture, parameters, format, per-tensor scheme, bytes and bits per weight, and
+the tokenizer files, chat template and end-of-generation ids a run would use."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def inspect(
             f"  parameters    {info['parameters']:,}\n"
             f"  dtype         {info['dtype']}\n"
             f"  on disk       {human_bytes(info['bytes_on_disk'])} ({info['bytes_on_disk']:,} bytes)\n"
-            f"  bits/weight   {info['bits_per_weight']:.3f}",
+            f"  bits/weight   {info['bits_per_weight']:.3f}\n"
+            f"  tokenizer     {_tokenizer_line(info['tokenizer'])}",
             highlight=False,
         )
+
+
+def _tokenizer_line(tok: dict) -> str:
+    files = ", ".join(tok["files"]) or "none (run and eval need one)"
+    template = f"chat template in {tok['chat_template']}" if tok["chat_template"] else "no chat template"
+    eos = ", ".join(map(str, tok["eos_token_ids"])) or "none"
+    return f"{files}; {template}; end-of-generation ids {eos}"

@@ -120,8 +120,34 @@ def _inspect_safetensors(path: Path, fmt: str) -> dict[str, Any]:
         "bytes_on_disk": ckpt.file_bytes(),
         "tensor_bytes": stored,
         "bits_per_weight": 8 * stored / params if params else 0.0,
+        "tokenizer": _tokenizer_files(path, config),
         "tensors": tensors,
     }
+
+
+def _tokenizer_files(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """What the directory holds for generation: tokenizer files, chat template (and where), end ids."""
+    import json
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    files = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.json") if (path / n).is_file()]
+    source = None
+    if read("tokenizer_config.json").get("chat_template"):
+        source = "tokenizer_config.json"
+    elif (path / "chat_template.jinja").is_file():
+        source = "chat_template.jinja"
+    elif read("chat_template.json").get("chat_template"):
+        source = "chat_template.json"
+    eos: set[int] = set()
+    for value in (config.get("eos_token_id"), read("generation_config.json").get("eos_token_id")):
+        eos.update([value] if isinstance(value, int) else [v for v in value or () if isinstance(v, int)])
+    return {"files": files, "chat_template": source, "eos_token_ids": sorted(eos)}
 
 
 # llama.cpp's llama_ftype values (general.file_type) -> names (reference §A.4.1)
@@ -173,5 +199,11 @@ def _inspect_gguf(path: Path) -> dict[str, Any]:
         "bytes_on_disk": f.file_bytes(),
         "tensor_bytes": stored,
         "bits_per_weight": 8 * stored / params if params else 0.0,
+        "tokenizer": {"files": [f"tokenizer.ggml ({meta['tokenizer.ggml.model']})"] if "tokenizer.ggml.model" in meta else [],
+                      "chat_template": "tokenizer.chat_template" if meta.get("tokenizer.chat_template") else None,
+                      "eos_token_ids": sorted({int(meta[k]) for k in ("tokenizer.ggml.eos_token_id",
+                                                                      "tokenizer.ggml.eot_token_id",
+                                                                      "tokenizer.ggml.eom_token_id")
+                                               if isinstance(meta.get(k), int)})},
         "tensors": tensors,
     }

@@ -216,6 +216,8 @@ def test_gguf_carries_the_template_and_runs_the_same_chat(tmp_path):
                                       "--max-new-tokens", 8, "--ignore-eos", "--dtype", "float32", "--json"))
         assert rows[name]["prompt_tokens"] == len(ids), name
     assert rows["demo-chat"]["token_ids"] == rows["demo-chat.gguf"]["token_ids"]
+    info = last_json(invoke("inspect", tmp_path / "demo-chat.gguf", "--summary", "--json"))
+    assert info["tokenizer"]["chat_template"] == "tokenizer.chat_template" and info["tokenizer"]["eos_token_ids"] == [2]
 
 
 def test_interactive_conversation_keeps_turns_and_reuses_the_cache(chat_model):
@@ -252,3 +254,21 @@ def test_chat_with_speculative_draft_matches_plain(chat_model):
                                   add_generation_prompt=True)
     assert r["prompt_tokens"] == len(ids if isinstance(ids, list) else ids["input_ids"])
     assert r["matches_plain"] is True
+
+
+def test_quantized_output_keeps_the_chat_template(chat_model, tmp_path):
+    """`infq inspect` reports the template and end ids; a quantized checkpoint keeps both and chats
+    with the same prompt ids."""
+    path, tok, im_end = chat_model
+    info = last_json(invoke("inspect", path, "--summary", "--json"))
+    assert info["tokenizer"]["chat_template"] in ("chat_template.jinja", "tokenizer_config.json")
+    assert info["tokenizer"]["eos_token_ids"] == sorted({2, im_end})
+    q = tmp_path / "q"
+    r = invoke("quantize", "--model", path, "--method", "rtn", "--bits", 4, "--group-size", 32, "--out", q)
+    assert r.exit_code == 0, r.output
+    qi = last_json(invoke("inspect", q, "--summary", "--json"))
+    assert qi["tokenizer"]["chat_template"] == info["tokenizer"]["chat_template"]
+    assert qi["tokenizer"]["eos_token_ids"] == info["tokenizer"]["eos_token_ids"]
+    run = last_json(invoke("run", q, "--chat", "-p", "Hello", "--max-new-tokens", 2, "--json"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=True, add_generation_prompt=True)
+    assert run["prompt_tokens"] == len(ids if isinstance(ids, list) else ids["input_ids"])
