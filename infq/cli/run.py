@@ -30,6 +30,7 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling (per request)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
+    n: int = typer.Option(1, "--n", help="Samples per prompt (parallel sampling: the prompt is computed once and its KV blocks shared copy-on-write; seeded samples use seed + i)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
     kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB (auto: max-num-seqs full contexts, <= 4 GiB)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache storage: auto (model dtype), int8, fp8."),
@@ -57,8 +58,9 @@ def run(
         if cuda_graphs and not device.startswith("cuda"):
             raise InfqError("--cuda-graphs needs --device cuda (CUDA graphs replay GPU work; drop the flag on a CPU)")
         if interactive:
-            if prompt is not None or prompts_file is not None or draft is not None:
-                raise InfqError("--interactive reads its turns from the terminal; drop --prompt, --prompts-file and --draft")
+            if prompt is not None or prompts_file is not None or draft is not None or n != 1:
+                raise InfqError("--interactive reads its turns from the terminal; drop --prompt, --prompts-file, --draft "
+                                "and --n")
             chat = True
         elif (prompt is None) == (prompts_file is None):
             raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE (or --interactive)")
@@ -85,11 +87,11 @@ def run(
 
             engine.speculator = build_speculator(engine, loaded, draft, num_draft, draft_dtype or dtype, device)
             warm_up(engine, (encode or (lambda p: encode_text(engine.tokenizer, p)))(prompts[0]))  # warm runs compared
-        stream = prompt is not None and not json_out
+        stream = prompt is not None and not json_out and n == 1
         on_output = (lambda _i, out: typer.echo(out.new_text, nl=False)) if stream else None
         start = time.perf_counter()
         results = run_prompts(engine, prompts, max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
-                              on_output=on_output, encode=encode)
+                              on_output=on_output, encode=encode, n=n)
         spec = _speculative(engine, prompts, results, time.perf_counter() - start, max_new_tokens, params,
                             ignore_eos, stop, encode) if draft is not None else {}
         memory = _memory(engine)
@@ -99,10 +101,11 @@ def run(
             if json_out:
                 print_json({**res, **memory, **spec})
             elif "error" in res:
-                typer.echo(f"[prompt {i}] rejected: {res['error']}", err=True)
+                typer.echo(f"[prompt {res.get('index', i)}] rejected: {res['error']}", err=True)
             else:
                 if not stream:
-                    typer.echo(f"--- prompt {i}: {res['prompt']!r}\n{res['text']}")
+                    label = f"prompt {res['index']}, sample {res['sample']}" if n > 1 else f"prompt {i}"
+                    typer.echo(f"--- {label}: {res['prompt']!r}\n{res['text']}")
                 else:
                     typer.echo("")
                 typer.echo(

@@ -7,7 +7,9 @@ and paged attention), samples the next token of each request that reached the en
 (greedy, temperature, top-k, top-p; a `torch.Generator` per seeded request, so a request's text
 does not depend on what it was batched with), applies EOS / stop ids / stop strings / max tokens,
 and returns one `RequestOutput` per request that produced a token or finished. `stream()` yields
-those step by step; `generate()` runs a list of prompts to completion.
+those step by step; `generate()` runs a list of prompts to completion. Parallel sampling
+(`add_request(n=...)`): when the prompt's last token is computed, n - 1 more requests fork off it
+over shared KV blocks (`BlockPool.fork`; the scheduler copies a shared block before writing it).
 """
 
 from __future__ import annotations
@@ -72,6 +74,15 @@ class RequestOutput:
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     e2e_s: float = 0.0
+    sample_index: int = 0  # parallel sampling (add_request n > 1): which of the prompt's samples
+
+
+@dataclass(frozen=True)
+class SampleId:
+    """The request id of sample `index` >= 1 of request `parent` (sample 0 keeps the parent's id)."""
+
+    parent: Any
+    index: int
 
 
 @dataclass
@@ -87,6 +98,8 @@ class _Track:
     prefix: str = ""
     final_text: str | None = None  # the text cut at a stop string
     decode_times: list[float] = field(default_factory=list)
+    forks: int = 0  # parallel samples still to fork off this request once its prompt is computed
+    sample_index: int = 0
 
 
 AUTO_KV_CAP = 4 * 2**30
@@ -131,22 +144,32 @@ class Engine:
         self.peak_running = 0
         # speculative.Speculator: proposes drafts before each schedule, verifies them after the pass
         self.speculator = speculator
+        self._forks: dict[Any, list[tuple[int, torch.Generator | None, int]]] = {}  # parallel samples due
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, max_tokens: int = 16,
                     *, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                    request_id: Any = None, arrival: float | None = None) -> Any:
+                    request_id: Any = None, arrival: float | None = None, n: int = 1) -> Any:
         """Queue a request; returns its id. One that can never run finishes with an error at the
-        next step (the others are not disturbed)."""
+        next step (the others are not disturbed). `n` > 1: parallel sampling, as vLLM's `n`: the
+        prompt is computed once, then n - 1 more sequences fork off it sharing its KV blocks
+        (copy-on-write), each sampling on its own (seed + i when seeded); their outputs carry
+        request id `SampleId(id, i)` and `sample_index` i."""
         rid = next(self._ids) if request_id is None else request_id
         if rid in self.tracks:
             raise InfqError(f"request id {rid!r} is already in use")
+        if n < 1:
+            raise InfqError(f"--n {n} must be at least 1 (samples per prompt)")
+        if n > 1 and (self.config.static or self.speculator is not None):
+            raise InfqError("parallel sampling (--n > 1) runs with continuous batching and without --draft")
+        if n > self.config.max_num_seqs:
+            raise InfqError(f"--n {n} exceeds --max-num-seqs {self.config.max_num_seqs}: the samples run at once")
         params = params or SamplingParams()
         stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_ids)
         if stop and self.tokenizer is None:
             raise InfqError("stop strings need a tokenizer; pass tokenizer= to the engine")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         now = time.perf_counter() if arrival is None else arrival
-        track = _Track(params, gen, tuple(stop), now)
+        track = _Track(params, gen, tuple(stop), now, forks=n - 1)
         if self.tokenizer is not None:
             track.prefix = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
         self.tracks[rid] = track
@@ -168,7 +191,13 @@ class Engine:
             reqs = {rid: self.scheduler.requests[rid] for rid in sched.num_tokens}
             sampled = self._run(sched, list(reqs.values()))
             self.steps += 1
+            children = self._fork(reqs, sampled)  # before update, which may finish (and free) a parent
             finished = {r.request_id for r in self.scheduler.update(sched, sampled)}
+            for parent, child in children:
+                if self.scheduler.add_fork(child, parent):
+                    finished.add(child.request_id)
+                reqs[child.request_id] = child
+                sampled[child.request_id] = child.token_ids[-1]
             if self.speculator is not None:
                 self.speculator.after_step(self, sched)
             now = time.perf_counter()
@@ -218,7 +247,8 @@ class Engine:
         return self._sample(logits, sampling)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[Any, int]:
-        """logits (R, V) -> {request id: token}; greedy rows at once, sampled rows one by one."""
+        """logits (R, V) -> {request id: token}; greedy rows at once, sampled rows one by one. A
+        request due to fork parallel samples also gets their first tokens from its row (`_forks`)."""
         greedy = logits.argmax(-1).tolist()
         out = {}
         for i, req in enumerate(reqs):
@@ -227,6 +257,34 @@ class Engine:
                 out[req.request_id] = greedy[i]
             else:
                 out[req.request_id] = int(sample(logits[i:i + 1].float().cpu(), track.params, track.generator)[0])
+            if track is not None and track.forks and req.num_outputs == 0:
+                self._forks[req.request_id] = []
+                for j in range(1, track.forks + 1):
+                    p = track.params
+                    gen = torch.Generator().manual_seed(p.seed + j) if p.seed is not None else None
+                    tok = greedy[i] if p.temperature == 0 else int(sample(logits[i:i + 1].float().cpu(), p, gen)[0])
+                    self._forks[req.request_id].append((j, gen, tok))
+        return out
+
+    def _fork(self, reqs: dict[Any, Request], sampled: dict[Any, Any]) -> list[tuple[Request, Request]]:
+        """The parallel samples of every request whose prompt was computed this step: new requests
+        over a fork of its block table (every block shared, the last partial one copied on its
+        first write), their first token sampled from the same logits."""
+        out = []
+        for rid, samples in self._forks.items():
+            parent, track = reqs[rid], self.tracks[rid]
+            computed = len(parent.token_ids)  # the prompt, computed this step (its first token comes after update)
+            for j, gen, tok in samples:
+                cid = SampleId(rid, j)
+                child = Request(cid, list(parent.prompt_ids), parent.max_tokens, parent.stop_token_ids,
+                                arrival=parent.arrival, token_ids=[*parent.token_ids, tok], num_computed=computed,
+                                block_table=self.pool.fork(parent.block_table))
+                child.num_cached_tokens = parent.num_cached_tokens
+                ctrack = _Track(track.params, gen, track.stop, track.arrival, prefix=track.prefix, sample_index=j)
+                self.tracks[cid] = ctrack
+                out.append((parent, child))
+            track.forks = 0
+        self._forks.clear()
         return out
 
     def _text(self, req: Request, ids: list[int]) -> str:
@@ -245,7 +303,8 @@ class Engine:
         track = self.tracks[req.request_id]
         ids = req.output_ids if req.finished else req.token_ids[len(req.prompt_ids):]
         out = RequestOutput(req.request_id, new, list(ids), req.finished, req.finish_reason, req.error,
-                            prompt_tokens=len(req.prompt_ids), cached_tokens=req.num_cached_tokens)
+                            prompt_tokens=len(req.prompt_ids), cached_tokens=req.num_cached_tokens,
+                            sample_index=track.sample_index)
         if self.tokenizer is not None and req.error is None:
             text = track.final_text if track.final_text is not None else self._text(req, list(ids))
             if not req.finished and text.endswith("\ufffd"):  # an unfinished multi-byte character

@@ -88,10 +88,11 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 def run_prompts(engine: Engine, prompts: Sequence[Prompt], max_new_tokens: int, params: SamplingParams, *,
                 ignore_eos: bool = False, stop: Sequence[str] = (),
                 on_output: Callable[[int, RequestOutput], None] | None = None,
-                encode: Callable[[Prompt], list[int]] | None = None) -> list[dict[str, Any]]:
-    """Generate for every prompt through the batching engine; one result per prompt, in order.
-    `encode` turns a prompt into token ids (default: the tokenizer, special tokens in the text
-    parsed; `runtime.chat.ChatEncoder` for chat templates)."""
+                encode: Callable[[Prompt], list[int]] | None = None, n: int = 1) -> list[dict[str, Any]]:
+    """Generate for every prompt through the batching engine; one result per prompt, in order
+    (`n` > 1: n per prompt, parallel samples, each with `index` and `sample`). `encode` turns a
+    prompt into token ids (default: the tokenizer, special tokens in the text parsed;
+    `runtime.chat.ChatEncoder` for chat templates). `on_output` gets (prompt index, output)."""
     from infq.runtime.chat import encode_text
 
     if max_new_tokens < 1:
@@ -101,16 +102,23 @@ def run_prompts(engine: Engine, prompts: Sequence[Prompt], max_new_tokens: int, 
             if not isinstance(prompt, str):
                 raise InfqError("a 'messages' prompt needs a chat template: pass --chat")
             return encode_text(engine.tokenizer, prompt)
+    from infq.runtime.engine import SampleId
+
     for i, prompt in enumerate(prompts):
-        engine.add_request(encode(prompt), params, max_new_tokens, stop=stop, ignore_eos=ignore_eos, request_id=i)
-    results: dict[int, dict[str, Any]] = {}
+        engine.add_request(encode(prompt), params, max_new_tokens, stop=stop, ignore_eos=ignore_eos, request_id=i,
+                           n=n)
+    results: dict[tuple[int, int], dict[str, Any]] = {}
     for outs in engine.stream():
         for out in outs:
+            i = out.request_id.parent if isinstance(out.request_id, SampleId) else out.request_id
             if on_output is not None:
-                on_output(out.request_id, out)
+                on_output(i, out)
             if out.finished:
-                results[out.request_id] = _result(prompts[out.request_id], out)
-    return [results[i] for i in range(len(prompts))]
+                res = _result(prompts[i], out)
+                if n > 1:
+                    res = {"index": i, "sample": out.sample_index, **res}
+                results[i, out.sample_index] = res
+    return [results[i, j] for i in range(len(prompts)) for j in range(n) if (i, j) in results]
 
 
 def _result(prompt: Prompt, out: RequestOutput) -> dict[str, Any]:

@@ -131,26 +131,30 @@ class Scheduler:
             spec = req.spec_token_ids  # drafts ride along as lookahead tokens; those past the budget are dropped
             n = min(req.num_tokens + len(spec) - req.num_computed, budget)
             del spec[max(0, req.num_computed + n - req.num_tokens):]
-            while not self.pool.grow(req.block_table, req.num_computed + n):
+            while not (self.pool.grow(req.block_table, req.num_computed + n) and self._cow_tail(req, n, out)):
                 victim = self.running.pop()  # the newest; never one scheduled already this step
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is req:
                     return budget
-            self._cow_tail(req, n, out)
             out.num_tokens[req.request_id] = n
             budget -= n
             i += 1
         return budget
 
-    def _cow_tail(self, req: Request, n: int, out: SchedulerOutput) -> None:
-        """Copy-on-write for the blocks this step writes into, where they are shared."""
+    def _cow_tail(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Copy-on-write for the blocks this step writes into, where they are shared (parallel
+        samples of one prompt); False when a copy needs a free block and there is none."""
         bs = self.pool.block_size
         first, last = req.num_computed // bs, (req.num_computed + n - 1) // bs
         for index in range(first, last + 1):
-            pair = self.pool.make_writable(req.block_table, index)
+            try:
+                pair = self.pool.make_writable(req.block_table, index)
+            except MemoryError:
+                return False
             if pair is not None:
                 out.copies.append(pair)
+        return True
 
     def _preempt(self, req: Request) -> None:
         self.pool.free(req.block_table)
@@ -223,6 +227,19 @@ class Scheduler:
             for req in list(self.running):
                 self._release(req)
         return finished
+
+    def add_fork(self, child: Request, parent: Request) -> bool:
+        """Run `child`, a parallel sample forked off `parent` this step (its prompt computed, its
+        first token appended), as the newest request; it shares the parent's prefix-cache keys.
+        Returns True if that first token already finished it."""
+        child.keys, child.num_registered = list(parent.keys), parent.num_registered
+        self.requests[child.request_id] = child
+        self.running.append(child)
+        stop = self._first_stop(child, 1)
+        if stop is not None:
+            self.finish(child, *stop)
+            return True
+        return False
 
     def stop_reason(self, req: Request) -> str | None:
         if req.token_ids[-1] in req.stop_token_ids:
