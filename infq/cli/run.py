@@ -29,6 +29,8 @@ def run(
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling (per request)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens less likely than this times the most likely one (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Divide the positive logits (multiply the negative ones) of tokens already in the prompt or output (1 = off; transformers' and vLLM's semantics)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     n: int = typer.Option(1, "--n", help="Samples per prompt (parallel sampling: the prompt is computed once and its KV blocks shared copy-on-write; seeded samples use seed + i)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
@@ -65,7 +67,7 @@ def run(
         elif (prompt is None) == (prompts_file is None):
             raise InfqError("pass exactly one of --prompt TEXT or --prompts-file FILE (or --interactive)")
         prompts = [] if interactive else [prompt] if prompt is not None else read_prompts(prompts_file)
-        params = SamplingParams(temperature, top_k, top_p, seed)
+        params = SamplingParams(temperature, top_k, top_p, seed, min_p, repetition_penalty)
         config = EngineConfig(block_size=default_block_size(device) if block_size is None else block_size,
                               kv_memory=None if kv_memory == "auto" else parse_memory(kv_memory),
                               kv_dtype=kv_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched_tokens,

@@ -161,6 +161,9 @@ class Engine:
             raise InfqError(f"--n {n} must be at least 1 (samples per prompt)")
         if n > 1 and (self.config.static or self.speculator is not None):
             raise InfqError("parallel sampling (--n > 1) runs with continuous batching and without --draft")
+        if self.speculator is not None and params is not None and params.repetition_penalty != 1:
+            raise InfqError("--repetition-penalty does not run with --draft (the draft's tokens would be judged "
+                            "against a distribution that changes with each accepted token)")
         if n > self.config.max_num_seqs:
             raise InfqError(f"--n {n} exceeds --max-num-seqs {self.config.max_num_seqs}: the samples run at once")
         params = params or SamplingParams()
@@ -253,16 +256,18 @@ class Engine:
         out = {}
         for i, req in enumerate(reqs):
             track = self.tracks.get(req.request_id)  # None: a static-batch filler, already reported
-            if track is None or track.params.temperature == 0:
+            plain = track is None or (track.params.temperature == 0 and track.params.repetition_penalty == 1)
+            if plain:
                 out[req.request_id] = greedy[i]
             else:
-                out[req.request_id] = int(sample(logits[i:i + 1].float().cpu(), track.params, track.generator)[0])
+                out[req.request_id] = int(sample(logits[i:i + 1].float().cpu(), track.params, track.generator,
+                                                 req.token_ids)[0])
             if track is not None and track.forks and req.num_outputs == 0:
                 self._forks[req.request_id] = []
                 for j in range(1, track.forks + 1):
                     p = track.params
                     gen = torch.Generator().manual_seed(p.seed + j) if p.seed is not None else None
-                    tok = greedy[i] if p.temperature == 0 else int(sample(logits[i:i + 1].float().cpu(), p, gen)[0])
+                    tok = greedy[i] if plain else int(sample(logits[i:i + 1].float().cpu(), p, gen, req.token_ids)[0])
                     self._forks[req.request_id].append((j, gen, tok))
         return out
 
