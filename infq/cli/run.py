@@ -32,6 +32,7 @@ def run(
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens less likely than this times the most likely one (0 = off)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Divide the positive logits (multiply the negative ones) of tokens already in the prompt or output (1 = off; transformers' and vLLM's semantics)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
+    logprobs: int = typer.Option(0, "--logprobs", help="With --json: each generated token's log-probability (raw model distribution) and the N most likely alternatives."),
     n: int = typer.Option(1, "--n", help="Samples per prompt (parallel sampling: the prompt is computed once and its KV blocks shared copy-on-write; seeded samples use seed + i)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
     kv_memory: str = typer.Option("auto", "--kv-memory", help="KV cache budget, e.g. 256MiB (auto: max-num-seqs full contexts, <= 4 GiB)."),
@@ -93,7 +94,7 @@ def run(
         on_output = (lambda _i, out: typer.echo(out.new_text, nl=False)) if stream else None
         start = time.perf_counter()
         results = run_prompts(engine, prompts, max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
-                              on_output=on_output, encode=encode, n=n)
+                              on_output=on_output, encode=encode, n=n, logprobs=logprobs)
         spec = _speculative(engine, prompts, results, time.perf_counter() - start, max_new_tokens, params,
                             ignore_eos, stop, encode) if draft is not None else {}
         memory = _memory(engine)

@@ -75,6 +75,8 @@ class RequestOutput:
     tokens_per_s: float = 0.0
     e2e_s: float = 0.0
     sample_index: int = 0  # parallel sampling (add_request n > 1): which of the prompt's samples
+    # add_request(logprobs=k): per output token {"token_id", "logprob", "top": [[id, logprob] x k]}
+    logprobs: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,18 @@ class _Track:
     decode_times: list[float] = field(default_factory=list)
     forks: int = 0  # parallel samples still to fork off this request once its prompt is computed
     sample_index: int = 0
+    num_logprobs: int = 0  # add_request(logprobs=k): k alternatives per output token, recorded when sampled
+    logprobs: list[dict] = field(default_factory=list)
 
 
 AUTO_KV_CAP = 4 * 2**30
+
+
+def _logprob_entry(lp: torch.Tensor, token: int, k: int) -> dict:
+    """One output token's log-probability and the k most likely alternatives, from a log-softmax row."""
+    top = lp.topk(k)
+    return {"token_id": token, "logprob": float(lp[token]),
+            "top": [[int(t), float(v)] for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]}
 
 
 def default_block_size(device: str) -> int:
@@ -148,12 +159,14 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, max_tokens: int = 16,
                     *, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                    request_id: Any = None, arrival: float | None = None, n: int = 1) -> Any:
+                    request_id: Any = None, arrival: float | None = None, n: int = 1, logprobs: int = 0) -> Any:
         """Queue a request; returns its id. One that can never run finishes with an error at the
         next step (the others are not disturbed). `n` > 1: parallel sampling, as vLLM's `n`: the
         prompt is computed once, then n - 1 more sequences fork off it sharing its KV blocks
         (copy-on-write), each sampling on its own (seed + i when seeded); their outputs carry
-        request id `SampleId(id, i)` and `sample_index` i."""
+        request id `SampleId(id, i)` and `sample_index` i. `logprobs` = k > 0: each output token's
+        log-probability under the model (log-softmax of the raw logits, before any sampling
+        parameter, as vLLM reports by default) and the k most likely tokens'."""
         rid = next(self._ids) if request_id is None else request_id
         if rid in self.tracks:
             raise InfqError(f"request id {rid!r} is already in use")
@@ -164,6 +177,8 @@ class Engine:
         if self.speculator is not None and params is not None and params.repetition_penalty != 1:
             raise InfqError("--repetition-penalty does not run with --draft (the draft's tokens would be judged "
                             "against a distribution that changes with each accepted token)")
+        if logprobs < 0 or (logprobs and self.speculator is not None):
+            raise InfqError(f"--logprobs {logprobs} must be >= 0, and runs without --draft")
         if n > self.config.max_num_seqs:
             raise InfqError(f"--n {n} exceeds --max-num-seqs {self.config.max_num_seqs}: the samples run at once")
         params = params or SamplingParams()
@@ -172,7 +187,7 @@ class Engine:
             raise InfqError("stop strings need a tokenizer; pass tokenizer= to the engine")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         now = time.perf_counter() if arrival is None else arrival
-        track = _Track(params, gen, tuple(stop), now, forks=n - 1)
+        track = _Track(params, gen, tuple(stop), now, forks=n - 1, num_logprobs=min(logprobs, self.model.cfg.vocab_size))
         if self.tokenizer is not None:
             track.prefix = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
         self.tracks[rid] = track
@@ -262,13 +277,17 @@ class Engine:
             else:
                 out[req.request_id] = int(sample(logits[i:i + 1].float().cpu(), track.params, track.generator,
                                                  req.token_ids)[0])
+            lp = logits[i].float().log_softmax(-1) if track is not None and track.num_logprobs else None
+            if lp is not None:
+                track.logprobs.append(_logprob_entry(lp, out[req.request_id], track.num_logprobs))
             if track is not None and track.forks and req.num_outputs == 0:
                 self._forks[req.request_id] = []
                 for j in range(1, track.forks + 1):
                     p = track.params
                     gen = torch.Generator().manual_seed(p.seed + j) if p.seed is not None else None
                     tok = greedy[i] if plain else int(sample(logits[i:i + 1].float().cpu(), p, gen, req.token_ids)[0])
-                    self._forks[req.request_id].append((j, gen, tok))
+                    entry = _logprob_entry(lp, tok, track.num_logprobs) if lp is not None else None
+                    self._forks[req.request_id].append((j, gen, tok, entry))
         return out
 
     def _fork(self, reqs: dict[Any, Request], sampled: dict[Any, Any]) -> list[tuple[Request, Request]]:
@@ -279,13 +298,14 @@ class Engine:
         for rid, samples in self._forks.items():
             parent, track = reqs[rid], self.tracks[rid]
             computed = len(parent.token_ids)  # the prompt, computed this step (its first token comes after update)
-            for j, gen, tok in samples:
+            for j, gen, tok, entry in samples:
                 cid = SampleId(rid, j)
                 child = Request(cid, list(parent.prompt_ids), parent.max_tokens, parent.stop_token_ids,
                                 arrival=parent.arrival, token_ids=[*parent.token_ids, tok], num_computed=computed,
                                 block_table=self.pool.fork(parent.block_table))
                 child.num_cached_tokens = parent.num_cached_tokens
-                ctrack = _Track(track.params, gen, track.stop, track.arrival, prefix=track.prefix, sample_index=j)
+                ctrack = _Track(track.params, gen, track.stop, track.arrival, prefix=track.prefix, sample_index=j,
+                                num_logprobs=track.num_logprobs, logprobs=[entry] if entry is not None else [])
                 self.tracks[cid] = ctrack
                 out.append((parent, child))
             track.forks = 0
@@ -309,7 +329,8 @@ class Engine:
         ids = req.output_ids if req.finished else req.token_ids[len(req.prompt_ids):]
         out = RequestOutput(req.request_id, new, list(ids), req.finished, req.finish_reason, req.error,
                             prompt_tokens=len(req.prompt_ids), cached_tokens=req.num_cached_tokens,
-                            sample_index=track.sample_index)
+                            sample_index=track.sample_index,
+                            logprobs=track.logprobs[:len(ids)] if track.num_logprobs else None)
         if self.tokenizer is not None and req.error is None:
             text = track.final_text if track.final_text is not None else self._text(req, list(ids))
             if not req.finished and text.endswith("\ufffd"):  # an unfinished multi-byte character

@@ -88,7 +88,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 def run_prompts(engine: Engine, prompts: Sequence[Prompt], max_new_tokens: int, params: SamplingParams, *,
                 ignore_eos: bool = False, stop: Sequence[str] = (),
                 on_output: Callable[[int, RequestOutput], None] | None = None,
-                encode: Callable[[Prompt], list[int]] | None = None, n: int = 1) -> list[dict[str, Any]]:
+                encode: Callable[[Prompt], list[int]] | None = None, n: int = 1,
+                logprobs: int = 0) -> list[dict[str, Any]]:
     """Generate for every prompt through the batching engine; one result per prompt, in order
     (`n` > 1: n per prompt, parallel samples, each with `index` and `sample`). `encode` turns a
     prompt into token ids (default: the tokenizer, special tokens in the text parsed;
@@ -106,7 +107,7 @@ def run_prompts(engine: Engine, prompts: Sequence[Prompt], max_new_tokens: int, 
 
     for i, prompt in enumerate(prompts):
         engine.add_request(encode(prompt), params, max_new_tokens, stop=stop, ignore_eos=ignore_eos, request_id=i,
-                           n=n)
+                           n=n, logprobs=logprobs)
     results: dict[tuple[int, int], dict[str, Any]] = {}
     for outs in engine.stream():
         for out in outs:
@@ -128,4 +129,6 @@ def _result(prompt: Prompt, out: RequestOutput) -> dict[str, Any]:
         "prompt": prompt, "text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
         "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "ttft_s": out.ttft_s,
         "tokens_per_s": out.tokens_per_s, "e2e_s": out.e2e_s,
+        **({"logprobs": out.logprobs, "cumulative_logprob": sum(e["logprob"] for e in out.logprobs)}
+           if out.logprobs is not None else {}),
     }

@@ -83,3 +83,28 @@ def test_greedy_with_repetition_penalty_equals_transformers(penalty):
     assert [o.token_ids for o in outs] == want
     plain = Engine(demo.model, EngineConfig(block_size=8), eos_ids=eos_ids(demo)).generate(prompts, max_tokens=20)
     assert [o.token_ids for o in plain] != want  # the penalty changed the text
+
+
+def test_logprobs_equal_transformers_forward():
+    """`logprobs=k`: each output token's log-probability and the k most likely tokens equal the
+    log-softmax of transformers' logits over prompt + outputs (teacher forced), within fp32 noise;
+    also for forked parallel samples."""
+    demo = load_model("demo")
+    prompt = demo.tokenizer("def fibonacci(n):").input_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model("demo"), dtype=torch.float32).eval()
+    eng = Engine(demo.model, EngineConfig(block_size=8), eos_ids=eos_ids(demo), tokenizer=demo.tokenizer)
+    eng.add_request(prompt, SamplingParams(temperature=1.0, seed=3), 12, ignore_eos=True, request_id=0, n=2,
+                    logprobs=3)
+    outs = [o for step in eng.stream() for o in step if o.finished]
+    assert len(outs) == 2
+    for o in outs:
+        assert len(o.logprobs) == len(o.token_ids) == 12
+        with torch.no_grad():
+            lp = hf(torch.tensor([prompt + o.token_ids])).logits[0, len(prompt) - 1:-1].log_softmax(-1)  # (12, V)
+        for t, (tok, entry) in enumerate(zip(o.token_ids, o.logprobs, strict=True)):
+            assert entry["token_id"] == tok
+            assert abs(entry["logprob"] - lp[t, tok].item()) < 1e-4
+            want = lp[t].topk(3)
+            assert [i for i, _ in entry["top"]] == want.indices.tolist()
+            assert max(abs(v - w) for (_, v), w in zip(entry["top"], want.values.tolist(), strict=True)) < 1e-4
+    assert outs[0].token_ids != outs[1].token_ids
