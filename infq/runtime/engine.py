@@ -155,7 +155,8 @@ class Engine:
         self.peak_running = 0
         # speculative.Speculator: proposes drafts before each schedule, verifies them after the pass
         self.speculator = speculator
-        self._forks: dict[Any, list[tuple[int, torch.Generator | None, int]]] = {}  # parallel samples due
+        # parallel samples due: parent id -> [(index, generator, first token, its logprob entry or None)]
+        self._forks: dict[Any, list[tuple[int, torch.Generator | None, int, dict | None]]] = {}
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, max_tokens: int = 16,
                     *, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
