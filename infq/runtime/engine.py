@@ -4,7 +4,8 @@
 Each `step()` runs the model once over every token the scheduler picked (decode tokens, prefill
 chunks, recomputation after preemption, all in one flattened batch with per-request positions
 and paged attention), samples the next token of each request that reached the end of its tokens
-(greedy, temperature, top-k, top-p; a `torch.Generator` per seeded request, so a request's text
+(greedy, temperature, top-k, top-p, min-p, repetition penalty, see sampling.py; optionally with
+log-probabilities; a `torch.Generator` per seeded request, so a request's text
 does not depend on what it was batched with), applies EOS / stop ids / stop strings / max tokens,
 and returns one `RequestOutput` per request that produced a token or finished. `stream()` yields
 those step by step; `generate()` runs a list of prompts to completion. Parallel sampling
