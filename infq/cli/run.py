@@ -130,7 +130,7 @@ def run(
 def _interactive(engine, encode, system, max_new_tokens, params, ignore_eos, stop, json_out) -> None:
     """The conversation loop of --interactive: read a turn, stream the reply, keep both. The engine
     (and its prefix cache) lives across turns, so each turn recomputes only what the last one did
-    not already hold."""
+    not already hold. Ctrl-C during a reply aborts it (the turn is dropped); at the prompt, it quits."""
     import sys
 
     from infq.runtime.generate import run_prompts
@@ -139,7 +139,10 @@ def _interactive(engine, encode, system, max_new_tokens, params, ignore_eos, sto
     messages = list(start)
     while True:
         typer.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
         if not line:
             typer.echo("", err=True)
             return
@@ -159,8 +162,13 @@ def _interactive(engine, encode, system, max_new_tokens, params, ignore_eos, sto
             continue
         turn = [*messages, {"role": "user", "content": text}]
         on_output = None if json_out else (lambda _i, out: typer.echo(out.new_text, nl=False))
-        res = run_prompts(engine, [turn], max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
-                          on_output=on_output, encode=encode)[0]
+        try:
+            res = run_prompts(engine, [turn], max_new_tokens, params, ignore_eos=ignore_eos, stop=stop or (),
+                              on_output=on_output, encode=encode)[0]
+        except KeyboardInterrupt:  # Ctrl-C stops the reply (the turn is dropped); at the prompt it quits
+            engine.abort(0)
+            typer.echo("\n[reply interrupted; the turn is dropped]", err=True)
+            continue
         if "error" in res:
             typer.echo(f"[turn rejected: {res['error']}; /reset starts a new conversation]", err=True)
             continue

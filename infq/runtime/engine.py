@@ -196,6 +196,22 @@ class Engine:
         self.scheduler.add(Request(rid, list(prompt_ids), max_tokens, stops, arrival=now))
         return rid
 
+    def abort(self, request_id: Any) -> bool:
+        """Drop a queued or running request (and its parallel samples, forked or not) without an
+        output, its KV blocks freed, as vLLM's `abort_request` does for a client that went away;
+        False if no such request is unfinished."""
+        ids = [request_id] + [rid for rid in self.tracks if isinstance(rid, SampleId) and rid.parent == request_id]
+        found = False
+        for rid in ids:
+            req = self.scheduler.requests.get(rid)
+            if req is not None and not req.finished:
+                self.scheduler.abort(req)
+                found = True
+            self._forks.pop(rid, None)
+            found = self.tracks.pop(rid, None) is not None or found
+        self.scheduler.rejected = [r for r in self.scheduler.rejected if r.request_id != request_id]
+        return found
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.scheduler.rejected)
 

@@ -267,6 +267,11 @@ class Scheduler:
             return
         self._release(req)
 
+    def abort(self, req: Request) -> None:
+        """Drop `req` wherever it is (waiting, running, a static-batch member), its blocks freed."""
+        req.finish_reason = "abort"
+        self._release(req)
+
     def _release(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)

@@ -130,3 +130,58 @@ def test_copy_on_write_without_a_free_block_preempts(demo, monkeypatch):
     assert failed and eng.scheduler.num_preemptions > 0
     assert [done[0, i] for i in range(3)] == separately(demo, prompt, 3, 3)
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_abort_frees_a_request_and_its_samples_without_disturbing_others(demo):
+    """`Engine.abort`: a running request with forked samples, and a waiting one, dropped mid-run;
+    the others' outputs are those of a run without them, and no block stays referenced."""
+    prompts = [demo.tokenizer(t).input_ids for t in ("import os\n", "def main():\n", "class A:\n")]
+    want = engine(demo).generate(prompts[:1], max_tokens=16, ignore_eos=True)[0].token_ids
+    eng = engine(demo, max_num_seqs=4)
+    eng.add_request(prompts[0], max_tokens=16, ignore_eos=True, request_id="keep")
+    eng.add_request(prompts[1], PARAMS, 16, ignore_eos=True, request_id="forked", n=3)
+    outs = eng.step()  # both prompts computed, "forked" forks: 4 running
+    eng.add_request(prompts[2], max_tokens=16, ignore_eos=True, request_id="waiting")  # no room: waits
+    outs += eng.step()
+    assert {o.request_id for o in outs} >= {SampleId("forked", 1), SampleId("forked", 2)}
+    assert "waiting" in {r.request_id for r in eng.scheduler.waiting}
+    assert eng.abort("forked") and eng.abort("waiting") and not eng.abort("nothing")
+    done = {o.request_id: o for step in eng.stream() for o in step if o.finished}
+    assert list(done) == ["keep"] and done["keep"].token_ids == want
+    assert eng.pool.num_free == eng.pool.num_blocks and not eng.tracks
+    eng.pool.check([])
+
+
+def test_interactive_ctrl_c_drops_the_reply(monkeypatch, tmp_path):
+    """Ctrl-C during a reply aborts it (its blocks freed) and the conversation goes on without that turn."""
+    from clitools import runner
+
+    from infq.cli.app import app
+    from infq.runtime import generate
+
+    calls = []
+    real = generate.run_prompts
+
+    def interrupted_once(engine, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # a reply under way when Ctrl-C comes
+            engine.add_request([1, 2, 3], max_tokens=4, request_id=0)
+            engine.step()
+            raise KeyboardInterrupt
+        assert not engine.tracks and engine.pool.num_free == engine.pool.num_blocks  # the first turn is gone
+        return real(engine, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "run_prompts", interrupted_once)
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    r = runner.invoke(app, ["run", "demo", "-i", "--chat-template", str(t), "--max-new-tokens", "3", "--json"],
+                      input="first\nsecond\n")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row["prompt"] for row in rows] == ["second"] and len(calls) == 2
+    assert "reply interrupted" in r.output
+    # "first" never joined the conversation: the second turn's prompt is "second" alone
+    from infq.runtime.chat import ChatEncoder
+
+    alone = ChatEncoder(load_model("demo").tokenizer, t.read_text())([{"role": "user", "content": "second"}])
+    assert rows[0]["prompt_tokens"] == len(alone)
