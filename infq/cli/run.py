@@ -75,6 +75,8 @@ def run(
                               prefix_caching=not no_prefix_cache, cuda_graphs=cuda_graphs)
         if max_new_tokens < 1:
             raise InfqError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+        if logprobs and not json_out:
+            raise InfqError("--logprobs needs --json (the log-probabilities are printed in the JSON objects)")
         chat = chat or system is not None or chat_template is not None or any(not isinstance(p, str) for p in prompts)
         template = read_template(chat_template) if chat_template is not None else None
         if template is not None:

@@ -107,6 +107,7 @@ def test_run_n_json(tmp_path):
                               "--max-new-tokens", 6, "--ignore-eos", "--json").stdout.strip())
     assert rows[2]["token_ids"] == alone["token_ids"]  # sample 2 = seed + 2
     assert "--n 0 must be at least 1" in error_line(invoke("run", "demo", "-p", "x", "--n", 0))
+    assert "--logprobs needs --json" in error_line(invoke("run", "demo", "-p", "x", "--logprobs", 2))
 
 
 def test_copy_on_write_without_a_free_block_preempts(demo, monkeypatch):
