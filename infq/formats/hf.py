@@ -84,6 +84,24 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(local)
 
 
+def end_token_ids(model_dir: Path, config: dict[str, Any]) -> list[int]:
+    """The ids that end generation by config.json and generation_config.json (where chat models list
+    their end-of-turn tokens, as transformers' `generate` and vLLM read them); a broken
+    generation_config.json is ignored, as transformers ignores it."""
+    ids: set[int] = set()
+    gen: Any = {}
+    try:
+        gen = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    for value in (config.get("eos_token_id"), gen.get("eos_token_id") if isinstance(gen, dict) else None):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return sorted(ids)
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     """config.json as a dict, with a one-line error when it is missing or not JSON."""
     path = model_dir / "config.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from infq.formats.detect import detect_format
-from infq.formats.hf import Checkpoint, read_config, resolve_model
+from infq.formats.hf import Checkpoint, end_token_ids, read_config, resolve_model
 from infq.formats.packed import PACKED_FORMATS, PackedLayout, layout_from_config
 
 _DTYPE_NAMES = {
@@ -144,10 +144,7 @@ def _tokenizer_files(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         source = "chat_template.jinja"
     elif read("chat_template.json").get("chat_template"):
         source = "chat_template.json"
-    eos: set[int] = set()
-    for value in (config.get("eos_token_id"), read("generation_config.json").get("eos_token_id")):
-        eos.update([value] if isinstance(value, int) else [v for v in value or () if isinstance(v, int)])
-    return {"files": files, "chat_template": source, "eos_token_ids": sorted(eos)}
+    return {"files": files, "chat_template": source, "eos_token_ids": end_token_ids(path, config)}
 
 
 # llama.cpp's llama_ftype values (general.file_type) -> names (reference §A.4.1)

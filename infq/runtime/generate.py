@@ -21,26 +21,16 @@ from infq.runtime.sampling import SamplingParams
 
 
 def eos_ids(loaded: Any) -> list[int]:
-    """End-of-sequence ids: config.json's, generation_config.json's (where chat models list their
-    end-of-turn tokens, as transformers' `generate` and vLLM read them), the tokenizer's; for a GGUF
-    also its end-of-turn / end-of-message ids (tokenizer.ggml.eot_token_id, eom_token_id)."""
-    ids: set[int] = set()
+    """End-of-sequence ids: config.json's and generation_config.json's (`formats.hf.end_token_ids`),
+    the tokenizer's; for a GGUF also its end-of-turn / end-of-message ids (eot_token_id, eom_token_id)."""
+    from infq.formats.hf import end_token_ids
 
-    def add(value: Any) -> None:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-
-    add(loaded.config.eos_token_id)
+    eos = loaded.config.eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
     path = Path(loaded.path)
-    gen = path / "generation_config.json"
-    if path.is_dir() and gen.is_file():
-        try:
-            add(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
-        except (json.JSONDecodeError, AttributeError):
-            pass  # a broken generation_config.json: transformers would ignore it too
-    add(list(getattr(loaded, "extra_eos_ids", ())))
+    if path.is_dir():
+        ids.update(end_token_ids(path, {}))
+    ids.update(getattr(loaded, "extra_eos_ids", ()))
     tok = loaded.tokenizer
     if tok is not None and tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
